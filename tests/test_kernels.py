@@ -383,13 +383,22 @@ def test_backend_errors():
 
 
 def test_env_var_forces_fallback(monkeypatch):
+    values, indices = _random_layer(3, 6, 2)
+    x = torch.randn(2, 6)
+    fanin_matmul(x, values, indices)  # fills the backend cache with the automatic choice
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     assert kernels.backend_name("cpu") == "torch"
     assert not kernels.cpu_extension_available()
-    values, indices = _random_layer(3, 6, 2)
-    x = torch.randn(2, 6)
-    torch.testing.assert_close(fanin_matmul(x, values, indices).double(),
-                               _dense_reference(x, values, indices, None), rtol=1e-5, atol=1e-5)
+    kernels.reset_backend_cache()  # fanin_matmul reads the variable once per device and dtype
+    try:
+        assert kernels._resolve_backend(None, x) == "torch"
+        torch.testing.assert_close(fanin_matmul(x, values, indices).double(),
+                                   _dense_reference(x, values, indices, None), rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.delenv(kernels.DISABLE_ENV)
+        kernels.reset_backend_cache()
+    expected = "cpp" if kernels.cpu_extension_available() else "torch"
+    assert kernels._resolve_backend(None, x) == expected
 
 
 def test_backend_selection_by_dtype():
@@ -477,3 +486,96 @@ def test_triton_gradcheck_fp64_on_gpu():
     assert torch.autograd.gradcheck(
         lambda x, v, b: fanin_matmul(x, v, indices.cuda(), b, backend="triton"), (x, values, bias)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# fanin_matmul_rows: layers whose ablated neurons were dropped from values/indices
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rows_golden(backend):
+    # Output width 4; active rows land in columns 3 and 1; columns 0 and 2 are ablated neurons.
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    values = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    indices = torch.tensor([[0, 3], [1, 2]], dtype=torch.int16)
+    rows = torch.tensor([3, 1])
+    bias = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    with torch.no_grad():
+        y = kernels.fanin_matmul_rows(x, values, indices, rows, 4, bias, backend=backend)
+        # column 3: 1*1 - 1*4 + 40; column 1: 2*2 + .5*3 + 20; columns 0, 2: their bias.
+        assert torch.equal(y, torch.tensor([[10.0, 25.5, 30.0, 37.0]]))
+        y0 = kernels.fanin_matmul_rows(x, values, indices, rows, 4, None, backend=backend)
+        assert torch.equal(y0, torch.tensor([[0.0, 5.5, 0.0, -3.0]]))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 40])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_rows_equals_full_layer(backend, batch, with_bias, index_dtype):
+    # Batches 1-2 take the kernel's gather route, 3 and 40 the tiled one; rows are unsorted.
+    out_full, n_active, in_features, k = 23, 17, 50, 6
+    values, indices = _random_layer(n_active, in_features, k, index_dtype=index_dtype, seed=batch)
+    rows = torch.randperm(out_full, generator=torch.Generator().manual_seed(1))[:n_active]
+    bias = torch.randn(out_full) if with_bias else None
+    x = torch.randn(batch, in_features)
+    full_values = torch.zeros(out_full, k).index_copy_(0, rows, values)  # ablated rows: zero weights
+    full_indices = torch.zeros(out_full, k, dtype=index_dtype).index_copy_(0, rows, indices)
+    expected = _dense_reference(x, full_values, full_indices, bias)
+    with torch.no_grad():
+        y = kernels.fanin_matmul_rows(x, values, indices, rows, out_full, bias, backend=backend)
+    assert y.shape == (batch, out_full)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    ablated = torch.ones(out_full, dtype=torch.bool).index_fill_(0, rows, False)
+    assert torch.equal(y[:, ablated], (bias[ablated] if with_bias else torch.zeros(int(ablated.sum()))).expand(batch, -1))
+    # The same product with autograd on (the generic route) gives the same numbers.
+    y_grad = kernels.fanin_matmul_rows(x.requires_grad_(), values, indices, rows, out_full, bias, backend=backend)
+    torch.testing.assert_close(y_grad.detach(), y, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_leading_dims_and_gradients(backend):
+    values, indices = _random_layer(5, 12, 3)
+    rows = torch.tensor([6, 0, 2, 3, 5])
+    bias = torch.randn(7, requires_grad=True)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    values.requires_grad_()
+    y = kernels.fanin_matmul_rows(x, values, indices, rows, 7, bias, backend=backend)
+    assert y.shape == (2, 3, 7)
+    y.square().sum().backward()
+    # Gradients of the equivalent full-size layer (ablated rows carry no weights).
+    x2 = x.detach().clone().requires_grad_()
+    values2 = values.detach().clone().requires_grad_()
+    bias2 = bias.detach().clone().requires_grad_()
+    full = torch.zeros(7, 3).index_copy(0, rows, values2)
+    full_idx = torch.zeros(7, 3, dtype=indices.dtype).index_copy_(0, rows, indices)
+    y2 = fanin_matmul(x2, full, full_idx, bias2, backend=backend)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(values.grad, values2.grad)
+    torch.testing.assert_close(bias.grad, bias2.grad)
+
+
+def test_rows_all_ablated(backend):
+    values, indices = torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int16)
+    rows = torch.zeros(0, dtype=torch.int64)
+    bias = torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        y = kernels.fanin_matmul_rows(torch.randn(3, 8), values, indices, rows, 2, bias, backend=backend)
+    assert torch.equal(y, bias.expand(3, 2))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_bad_input(backend, grad):
+    values, indices = _random_layer(2, 6, 2)
+    x = torch.randn(1, 6, requires_grad=grad)
+    cases = [
+        (dict(rows=torch.tensor([0, 5]), out_features=4), r"rows.*\[0, 4\)"),
+        (dict(rows=torch.tensor([0, -1]), out_features=4), r"rows.*\[0, 4\)"),
+        (dict(rows=torch.tensor([0, 1], dtype=torch.int32), out_features=4), r"rows must be int64 of shape \(2,\)"),
+        (dict(rows=torch.tensor([0]), out_features=4), r"rows must be int64 of shape \(2,\)"),
+        (dict(rows=torch.tensor([0, 1]), out_features=1), r"out_features \(1\) is smaller than the 2 active rows"),
+        (dict(rows=torch.tensor([0, 1]), out_features=4, bias=torch.zeros(2)), r"bias must be \(4,\)"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(FanInOperandError, match=pattern):
+            kernels.fanin_matmul_rows(x, values, indices, backend=backend, **kwargs)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.errors import NotConstantFanInError, SriglError
-from srigl.kernels import fanin_matmul, index_dtype_for
+from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.structures import fan_in_counts
 
 __all__ = [
@@ -243,13 +243,9 @@ class _CondensedLayer(nn.Module):
         out_features = self._out_features()
         if values.shape[0] == out_features:
             return _fanin_matmul(x, values, indices, bias)
-        if values.shape[0] == 0:  # every neuron ablated
-            return x.new_zeros(*x.shape[:-1], out_features) if bias is None else bias.expand(*x.shape[:-1], out_features).contiguous()
-        if bias is None:
-            active = _fanin_matmul(x, values, indices, None)  # (..., n_active)
-            return x.new_zeros(*x.shape[:-1], out_features).index_copy_(-1, rows, active)  # (..., out)
-        active = _fanin_matmul(x, values, indices, bias.index_select(0, rows))  # (..., n_active)
-        return bias.expand(*x.shape[:-1], out_features).index_copy(-1, rows, active)  # (..., out), a new tensor
+        if torch.compiler.is_exporting():
+            return _gather_matmul_rows(x, values, indices, bias, rows, out_features)
+        return fanin_matmul_rows(x, values, indices, rows, out_features, bias)
 
     def _out_features(self) -> int:  # out_features / out_channels, ablated neurons included
         raise NotImplementedError
@@ -265,6 +261,18 @@ def _gather_matmul(x, values, indices, bias):
     gathered = x.index_select(-1, indices.reshape(-1)).unflatten(-1, indices.shape)  # (..., out, k)
     y = (gathered * values).sum(-1)  # (..., out)
     return y if bias is None else y + bias
+
+
+def _gather_matmul_rows(x, values, indices, bias, rows, out_features):
+    """:func:`_gather_matmul` for a layer with ablated rows: active results land in ``rows``."""
+    if values.shape[0] == 0:  # every neuron ablated
+        shape = (*x.shape[:-1], out_features)
+        return x.new_zeros(shape) if bias is None else bias.expand(shape).contiguous()
+    if bias is None:
+        active = _gather_matmul(x, values, indices, None)  # (..., n_active)
+        return x.new_zeros(*x.shape[:-1], out_features).index_copy_(-1, rows, active)  # (..., out)
+    active = _gather_matmul(x, values, indices, bias.index_select(0, rows))  # (..., n_active)
+    return bias.expand(*x.shape[:-1], out_features).index_copy(-1, rows, active)  # (..., out)
 
 
 def _fanin_matmul(x, values, indices, bias):
