@@ -173,6 +173,36 @@ def test_backward_matches_dense_grads_cpp(case):
         torch.testing.assert_close(bias.grad, grad_y.sum(0))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 40, 300])
+def test_tiled_backward_overwrites_recycled_memory(batch, threads):
+    # The tiled backward returns gradients in uninitialised memory that it must overwrite
+    # entirely. Freed NaN-filled blocks of the same sizes make recycled garbage likely (glibc
+    # reuses them once its mmap threshold has grown), so a missed element shows up as NaN.
+    _cpp_or_skip()
+    values, indices = _random_layer(37, 70, 9, seed=batch)
+    values.requires_grad_(True)
+    x = torch.randn(batch, 70, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True)
+    grad_y = torch.randn(batch, 37)
+    weight = fanin_to_dense(values.detach().double(), indices, 70)  # (out, in)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 1: tile-parallel into grad_x itself; 2: per-chunk scratch too
+    try:
+        for _ in range(4):
+            poison = [torch.full((batch, 70), float("nan")), torch.full((37, 9), float("nan")), torch.full((37,), float("nan"))]
+            del poison
+            x.grad = values.grad = bias.grad = None
+            fanin_matmul(x, values, indices, bias, backend="cpp").backward(grad_y)
+            # The kernel sums the bias gradient itself (per tile and per thread chunk).
+            torch.testing.assert_close(bias.grad.double(), grad_y.double().sum(0), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x.grad.double(), grad_y.double() @ weight, rtol=1e-4, atol=1e-4)
+            expected_values = (grad_y.double().T @ x.detach().double()).gather(1, indices.long())
+            torch.testing.assert_close(values.grad.double(), expected_values, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 40])
 def test_gradcheck_fp64(backend, batch):
     values, indices = _random_layer(5, 9, 4, dtype=torch.float64, index_dtype=torch.int32, seed=batch, unique=False)

@@ -279,6 +279,12 @@ class _FanInProduct(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         need_x, need_values, _, need_bias, _ = ctx.needs_input_grad
         grad_x = grad_values = grad_bias = None
+        if ctx.backend == "cpp" and (need_x or need_values):
+            # The kernel sums the bias gradient from the grad_y tiles it transposes anyway.
+            grad_x, grad_values, grad_bias = cpu.backward_with_bias(
+                grad_y.contiguous(), x, values, indices, need_x, need_values, need_bias
+            )
+            return grad_x, grad_values, None, grad_bias, None
         if need_x or need_values:
             grad_x, grad_values = _module(ctx.backend).backward(
                 grad_y.contiguous(), x, values, indices, need_x, need_values

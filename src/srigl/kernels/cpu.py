@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op", "backward", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -231,11 +231,37 @@ def backward(
     chunk_rows: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`forward` w.r.t. x (batch, in) and values (out, k); None where not needed."""
+    grad_x, grad_values, _ = backward_with_bias(
+        grad_y, x, values, indices, need_grad_x, need_grad_values, False,
+        gather_max_batch=gather_max_batch, max_width=max_width, chunk_rows=chunk_rows,
+    )
+    return grad_x, grad_values
+
+
+def backward_with_bias(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    need_grad_x: bool,
+    need_grad_values: bool,
+    need_grad_bias: bool,
+    *,
+    gather_max_batch: int = BACKWARD_GATHER_MAX_BATCH,
+    max_width: int = 0,
+    chunk_rows: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`backward` plus the bias gradient (out,), ``grad_y.sum(0)``, summed by the kernel from
+    the grad_y tiles it transposes anyway; None where not needed."""
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-    grad_x, grad_values = ops.backward(
-        grad_y, x, values, _narrow(indices, x.shape[1]), need_grad_x, need_grad_values, gather_max_batch, max_width,
-        chunk_rows,
+    grad_x, grad_values, grad_bias = ops.backward(
+        grad_y, x, values, _narrow(indices, x.shape[1]), need_grad_x, need_grad_values, need_grad_bias,
+        gather_max_batch, max_width, chunk_rows,
     )
-    return (grad_x if need_grad_x else None), (grad_values if need_grad_values else None)
+    return (
+        grad_x if need_grad_x else None,
+        grad_values if need_grad_values else None,
+        grad_bias if need_grad_bias else None,
+    )
