@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from srigl.condensed import (
+    CondensedMultiheadAttention,
     CONDENSERS,
     CondensedConv2d,
     CondensedLinear,
@@ -318,6 +319,82 @@ def test_custom_module_with_functional_relu():
     assert condensed.fc.in_features == condensed.fc2.out_features < 20
 
 
+class _AttentionBlock(nn.Module):
+    """Pre-norm-free transformer block: ``x + attn(x)``, then ``x + mlp(x)``."""
+
+    def __init__(self, dim=8, heads=2, batch_first=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+def _mask_attention(model, generator, in_density=0.5, out_density=0.5, ablated=0.25):
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            e = module.embed_dim
+            masks[f"{name}.in_proj_weight"] = constant_fan_in_mask((3 * e, e), in_density, ablated, generator)
+            masks[f"{name}.out_proj.weight"] = constant_fan_in_mask((e, e), out_density, ablated, generator)
+            with torch.no_grad():
+                module.in_proj_weight.mul_(masks[f"{name}.in_proj_weight"])
+                module.out_proj.weight.mul_(masks[f"{name}.out_proj.weight"])
+                module.in_proj_bias.copy_(torch.randn(3 * e, generator=generator))
+                module.out_proj.bias.copy_(torch.randn(e, generator=generator))
+    return masks
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_condense_converts_attention_projections(batch_first, batch):
+    torch.manual_seed(0)
+    model = _AttentionBlock(dim=16, heads=4, batch_first=batch_first).eval()
+    generator = torch.Generator().manual_seed(2)
+    masks = _mask_attention(model, generator)
+    x = torch.randn(batch, 5, 16) if batch_first else torch.randn(5, batch, 16)
+    condensed, report = condense(model, masks)
+    assert_same_outputs(model, condensed, x)
+    assert type(condensed.attn) is CondensedMultiheadAttention
+    assert type(condensed.attn.in_proj) is CondensedLinear and type(condensed.attn.out_proj) is CondensedLinear
+    entry = report["layers"]["attn.in_proj"]
+    ablated = round(0.25 * 48)
+    assert entry["kind"] == "CondensedLinear" and entry["fan_in"] == 8 and entry["ablated_neurons"] == ablated
+    assert entry["active_neurons"] == 48 - ablated and "keep their width" in entry["ablated_kept_because"]
+    assert report["layers"]["attn"]["kind"] == "CondensedMultiheadAttention"
+    # Weights: 48 x 16 + 16 x 16 dense; condensed keeps (36 x 8) + (12 x 8) values (+ indices, rows).
+    assert report["layers"]["attn"]["params_after"] < report["layers"]["attn"]["params_before"]
+    assert condensed.attn.in_proj.values.shape == (48 - ablated, 8)
+
+
+def test_condense_attention_with_one_masked_projection_keeps_the_other_dense():
+    torch.manual_seed(0)
+    model = _AttentionBlock().eval()
+    generator = torch.Generator().manual_seed(3)
+    masks = _mask_attention(model, generator)
+    masks["attn.out_proj.weight"] = torch.rand(8, 8, generator=generator) < 0.4  # not constant fan-in
+    with torch.no_grad():
+        model.attn.out_proj.weight.mul_(masks["attn.out_proj.weight"])
+    condensed, report = condense(model, masks)
+    assert_same_outputs(model, condensed, torch.randn(3, 4, 8))
+    assert type(condensed.attn.in_proj) is CondensedLinear
+    assert type(condensed.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert "not constant fan-in" in report["layers"]["attn.out_proj"]["reason"]
+
+
+def test_condense_leaves_attention_inside_transformer_layers_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)).eval()
+    generator = torch.Generator().manual_seed(4)
+    masks = _mask_attention(model, generator)
+    condensed, report = condense(model, masks)
+    assert_same_outputs(model, condensed, torch.randn(2, 5, 8))
+    assert type(condensed[0].self_attn) is nn.MultiheadAttention
+    assert "TransformerEncoderLayer" in report["layers"]["0.self_attn"]["reason"]
+
+
 def test_condense_leaves_dense_what_cannot_be_condensed():
     class Block(nn.Module):
         def __init__(self):
@@ -332,7 +409,7 @@ def test_condense_leaves_dense_what_cannot_be_condensed():
     model = Block().eval()
     generator = torch.Generator().manual_seed(1)
     masks = {
-        "attn.in_proj_weight": constant_fan_in_mask((24, 8), 0.5, 0.0, generator),
+        "attn.in_proj_weight": torch.rand(24, 8, generator=generator) < 0.5,  # unstructured
         "mlp.0.weight": constant_fan_in_mask((16, 8), 0.5, 0.2, generator),
         "mlp.2.weight": torch.rand(8, 16, generator=generator) < 0.3,  # unstructured: not constant fan-in
     }
@@ -344,7 +421,8 @@ def test_condense_leaves_dense_what_cannot_be_condensed():
     condensed, report = condense(model, masks)
     assert_same_outputs(model, condensed, x)
     assert report["mask_source"] == "masks"
-    assert "MultiheadAttention" in report["layers"]["attn"]["reason"]
+    assert "in_proj_weight" in report["layers"]["attn"]["reason"] and "not constant fan-in" in report["layers"]["attn"]["reason"]
+    assert type(condensed.attn) is nn.MultiheadAttention
     assert report["layers"]["mlp.2"]["kind"] == "dense" and "not constant fan-in" in report["layers"]["mlp.2"]["reason"]
     assert type(condensed.mlp[0]) is CondensedLinear and type(condensed.mlp[2]) is nn.Linear
     assert report["layers"]["mlp.0"]["removed_neurons"] > 0  # removal works into a dense consumer too

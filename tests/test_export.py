@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from srigl.condensed import CondensedConv2d, CondensedLinear, condense
+from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention, condense
 from srigl.export import export_onnx
-from test_condensed import sparsify
+from test_condensed import _AttentionBlock, _mask_attention, sparsify
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -47,3 +47,12 @@ def test_condensed_cnn_exports_grouped_depthwise_and_padding_modes(tmp_path):
     condensed, _ = condense(model)
     assert [type(m) for m in condensed if type(m) in (CondensedConv2d, CondensedLinear)] == [CondensedConv2d] * 3 + [CondensedLinear]
     _assert_onnx_matches(model, condensed, (2, 4, 8, 8), tmp_path / "cnn.onnx")
+
+
+def test_condensed_attention_block_exports(tmp_path):
+    torch.manual_seed(0)
+    model = _AttentionBlock(dim=16, heads=4).eval()
+    masks = _mask_attention(model, torch.Generator().manual_seed(6))
+    condensed, _ = condense(model, masks)
+    assert type(condensed.attn) is CondensedMultiheadAttention and condensed.attn.in_proj.n_active < 48
+    _assert_onnx_matches(model, condensed, (2, 5, 16), tmp_path / "attn.onnx")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from srigl.condensed import CondensedConv2d, CondensedLinear, condense
+from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention, condense
 from srigl.serialization import (
     SERIALIZABLE,
     CorruptFileError,
@@ -18,7 +18,7 @@ from srigl.serialization import (
     read_metadata,
     save_condensed,
 )
-from test_condensed import SmallCNN, assert_same_outputs, sparsify
+from test_condensed import SmallCNN, _AttentionBlock, _mask_attention, assert_same_outputs, sparsify
 
 
 def _condensed_linear():
@@ -55,7 +55,29 @@ EXAMPLES = {
     "AdaptiveAvgPool2d": (lambda: nn.AdaptiveAvgPool2d((2, 3)), (1, 2, 5, 7)),
     "CondensedLinear": (_condensed_linear, (3, 9)),
     "CondensedConv2d": (_condensed_conv, (2, 4, 5, 5)),
+    # Called as attn(q, k, v): its outputs are checked by test_condensed_attention_round_trip.
+    "CondensedMultiheadAttention": (lambda: _condensed_attention_block().attn, None),
+    "NonDynamicallyQuantizableLinear": (lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(5, 3), (2, 5)),
 }
+
+
+def _condensed_attention_block():
+    torch.manual_seed(0)
+    model = _AttentionBlock(dim=16, heads=4).eval()
+    masks = _mask_attention(model, torch.Generator().manual_seed(5))
+    return condense(model, masks)[0]
+
+
+def test_condensed_attention_round_trip(tmp_path):
+    condensed = _condensed_attention_block()
+    assert type(condensed.attn) is CondensedMultiheadAttention
+    path = save_condensed(condensed, tmp_path / "attn.safetensors")
+    with pytest.raises(SkeletonRequiredError, match="_AttentionBlock"):
+        load_condensed(path)
+    loaded = load_condensed(path, model=_AttentionBlock(dim=16, heads=4))  # a dense skeleton
+    assert type(loaded.attn) is CondensedMultiheadAttention and type(loaded.attn.in_proj) is CondensedLinear
+    assert loaded.attn.num_heads == 4 and loaded.attn.batch_first
+    assert_same_outputs(condensed, loaded.eval(), torch.randn(3, 6, 16))
 
 
 def test_every_serializable_type_has_an_example():

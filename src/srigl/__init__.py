@@ -31,6 +31,7 @@ _LAZY = {
     "condense": ("srigl.condensed", "condense"),
     "CondensedLinear": ("srigl.condensed", "CondensedLinear"),
     "CondensedConv2d": ("srigl.condensed", "CondensedConv2d"),
+    "CondensedMultiheadAttention": ("srigl.condensed", "CondensedMultiheadAttention"),
     "save_condensed": ("srigl.serialization", "save_condensed"),
     "load_condensed": ("srigl.serialization", "load_condensed"),
     "export_onnx": ("srigl.export", "export_onnx"),

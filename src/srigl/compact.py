@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.algorithms import STATE_DICT_VERSION, SparseTensor, SRigL
-from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedTensor, condense_tensor
+from srigl.condensed import (
+    CondensedConv2d,
+    CondensedLinear,
+    CondensedMultiheadAttention,
+    CondensedTensor,
+    condense_tensor,
+    masked_dense_twin,
+)
 from srigl.errors import InvalidConfigError, StateDictMismatchError
 
 __all__ = [
@@ -53,158 +60,9 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------ attention
-def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An additive mask: a bool mask (True = not allowed) becomes 0 / -inf, a float mask is kept."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
-
-
-class CompactMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` whose two projections are modules, so that each can be compact.
-
-    ``in_proj`` maps ``E -> 3E`` (the rows of ``in_proj_weight``: q, then k, then v) and ``out_proj``
-    ``E -> E``. Each is a :class:`~srigl.condensed.CondensedLinear` when its tensor is sparse, else an
-    ``nn.Linear`` holding the original Parameters. ``forward`` computes what
-    ``nn.MultiheadAttention.forward`` computes, with the same arguments: batch-first or not,
-    unbatched inputs, ``key_padding_mask`` and ``attn_mask`` (bool or float), ``need_weights``,
-    ``average_attn_weights``, ``is_causal``. Self-attention (``query is key is value``) projects
-    once; otherwise each input is projected by the whole ``in_proj`` and its third is kept.
-
-    Only attentions with ``kdim == vdim == embed_dim``, no ``bias_k``/``bias_v`` and no
-    ``add_zero_attn`` are converted (see :func:`_why_not_compact`).
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float, batch_first: bool,
-                 in_proj: nn.Module, out_proj: nn.Module):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise InvalidConfigError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
-        self.batch_first = batch_first
-        self.in_proj = in_proj
-        self.out_proj = out_proj
-
-    @classmethod
-    def from_masked(
-        cls, mha: nn.MultiheadAttention, masks: Mapping[str, torch.Tensor], name: str = "attn"
-    ) -> "CompactMultiheadAttention":
-        """Convert ``mha``; ``masks`` maps ``"in_proj_weight"`` and/or ``"out_proj.weight"`` to masks.
-
-        Both projections keep the original bias Parameters; a projection without a mask keeps its
-        original weight Parameter too.
-        """
-        embed_dim = mha.embed_dim
-        # A Linear view of in_proj_weight: created on the meta device, then given the real Parameters.
-        in_linear = nn.Linear(embed_dim, 3 * embed_dim, bias=mha.in_proj_bias is not None, device="meta")
-        in_linear.weight = mha.in_proj_weight
-        if mha.in_proj_bias is not None:
-            in_linear.bias = mha.in_proj_bias
-        in_proj, out_proj = in_linear, mha.out_proj
-        if "in_proj_weight" in masks:
-            in_proj = _compact_twin(in_linear, masks["in_proj_weight"], f"{name}.in_proj_weight")
-        if "out_proj.weight" in masks:
-            out_proj = _compact_twin(mha.out_proj, masks["out_proj.weight"], f"{name}.out_proj.weight")
-        return cls(embed_dim, mha.num_heads, mha.dropout, mha.batch_first, in_proj, out_proj)
-
-    def to_dense(self) -> tuple[nn.MultiheadAttention, dict[str, torch.Tensor]]:
-        """The equivalent ``nn.MultiheadAttention`` (biases and dense weights shared) and the masks
-        of its compact projections, by local name (``"in_proj_weight"``, ``"out_proj.weight"``)."""
-        in_proj, out_proj = self.in_proj, self.out_proj
-        reference = in_proj.values if isinstance(in_proj, CondensedLinear) else in_proj.weight
-        mha = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=in_proj.bias is not None,
-            batch_first=self.batch_first, device="meta", dtype=reference.dtype,
-        )
-        masks: dict[str, torch.Tensor] = {}
-        if isinstance(in_proj, CondensedLinear):
-            mha.in_proj_weight = nn.Parameter(in_proj.dense_weight(), requires_grad=in_proj.values.requires_grad)
-            masks["in_proj_weight"] = in_proj.dense_mask()
-        else:
-            mha.in_proj_weight = in_proj.weight
-        if in_proj.bias is not None:
-            mha.in_proj_bias = in_proj.bias
-        if isinstance(out_proj, CondensedLinear):
-            mha.out_proj = _masked_dense_twin(out_proj, nn.modules.linear.NonDynamicallyQuantizableLinear)
-            masks["out_proj.weight"] = mha.out_proj.weight_mask
-        else:
-            mha.out_proj = out_proj
-        if "in_proj_weight" in masks:
-            mha.register_buffer("in_proj_weight_mask", masks["in_proj_weight"], persistent=False)
-        return mha, masks
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As ``nn.MultiheadAttention.forward``: ``(output, weights or None)``."""
-        if is_causal and attn_mask is None:
-            raise InvalidConfigError("is_causal is a hint that attn_mask is causal: pass attn_mask too")
-        batched = query.dim() == 3
-
-        def batch_first(t: torch.Tensor) -> torch.Tensor:  # -> (B, L, E)
-            if not batched:
-                return t.unsqueeze(0)
-            return t if self.batch_first else t.transpose(0, 1)
-
-        embed_dim, heads, head_dim = self.embed_dim, self.num_heads, self.head_dim
-        if query is key and key is value:
-            q, k, v = self.in_proj(batch_first(query)).chunk(3, dim=-1)  # (B, L, 3E) -> 3 x (B, L, E)
-        else:
-            q = self.in_proj(batch_first(query))[..., :embed_dim]  # (B, L, E)
-            projected_key = self.in_proj(batch_first(key))  # (B, S, 3E)
-            k = projected_key[..., embed_dim : 2 * embed_dim]
-            v = (projected_key if key is value else self.in_proj(batch_first(value)))[..., 2 * embed_dim :]
-        batch, length, source = q.shape[0], q.shape[1], k.shape[1]
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)  # (B, H, S, hd)
-        v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)  # (B, H, S, hd)
-
-        # As nn.MultiheadAttention: is_causal replaces the mask only when nothing else must be merged in.
-        causal = is_causal and key_padding_mask is None and not need_weights
-        mask = None
-        if attn_mask is not None and not causal:
-            mask = _float_mask(attn_mask, q.dtype)
-            # (L, S) or (1, L, S) -> (1, 1, L, S); (B * H, L, S) -> (B, H, L, S)
-            mask = mask.reshape(1, 1, length, source) if mask.dim() == 2 or mask.shape[0] == 1 else \
-                mask.reshape(batch, heads, length, source)
-        if key_padding_mask is not None:
-            padding = _float_mask(key_padding_mask, q.dtype).reshape(batch, 1, 1, source)  # (B, 1, 1, S)
-            mask = padding if mask is None else mask + padding
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # (B, H, L, S)
-            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
-            out = F.dropout(weights, dropout) @ v if dropout > 0 else weights @ v  # (B, H, L, hd)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)  # (B, L, S)
-            if not batched:
-                weights = weights.squeeze(0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, embed_dim))  # (B, H, L, hd) -> (B, L, E)
-        if not batched:
-            out = out.squeeze(0)  # (L, E)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)  # (L, B, E)
-        return out, weights
-
-    def extra_repr(self) -> str:
-        return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-            f"batch_first={self.batch_first}"
-        )
+# The attention with condensed projections lives with the other condensed layers; compact training
+# converts with its own projection twins (see _convert).
+CompactMultiheadAttention = CondensedMultiheadAttention
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -274,21 +132,6 @@ def _compact_twin(module: nn.Module, mask: torch.Tensor, name: str) -> nn.Module
     return twin
 
 
-def _masked_dense_twin(module: nn.Module, dense_type: type[nn.Module] | None = None) -> nn.Module:
-    """The dense twin of a compact Linear/Conv2d: zero outside its ``weight_mask`` buffer, bias shared."""
-    dense = module.to_dense()
-    if dense_type is not None and type(dense) is not dense_type:
-        converted = dense_type(dense.in_features, dense.out_features, bias=dense.bias is not None, device="meta")
-        converted.weight = dense.weight
-        converted.bias = dense.bias
-        dense = converted
-    if module.bias is not None:
-        dense.bias = module.bias
-    dense.weight.requires_grad_(module.values.requires_grad)
-    dense.register_buffer("weight_mask", module.dense_mask().view_as(dense.weight), persistent=False)
-    return dense
-
-
 def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """The ``<param>_mask`` buffers of a convertible module, by local tensor name."""
     masks = {}
@@ -304,7 +147,7 @@ def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
 def _convert(module: nn.Module, masks: Mapping[str, torch.Tensor], name: str) -> nn.Module:
     """The compact twin of ``module`` under ``masks`` (local tensor name -> mask)."""
     if isinstance(module, nn.MultiheadAttention):
-        return CompactMultiheadAttention.from_masked(module, masks, name)
+        return CompactMultiheadAttention.from_masked(module, masks, name, condense_projection=_compact_twin)
     return _compact_twin(module, masks["weight"], f"{name}.weight")
 
 
@@ -372,7 +215,7 @@ def to_masked_dense(model: nn.Module) -> dict[str, torch.Tensor]:
             masks.update({f"{module_name}.{t}": mask for t, mask in local.items()})
     for module_name, module in list(model.named_modules()):
         if isinstance(module, _COMPACT_LAYERS) and module_name:
-            dense = _masked_dense_twin(module)
+            dense = masked_dense_twin(module)
             model.set_submodule(module_name, dense)
             masks[f"{module_name}.weight"] = dense.weight_mask
     return masks

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from srigl.condensed import CondensedConv2d, CondensedLinear
+from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention
 from srigl.errors import SriglError
 
 __all__ = [
@@ -119,6 +119,17 @@ for _cls in (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, CondensedLinear, CondensedConv2d,
 ):
     register_serializable(_cls)
+
+
+
+def _attention_args(module: CondensedMultiheadAttention) -> dict[str, Any]:
+    # The projections are children in the file; the constructor leaves them to add_module.
+    return {key: getattr(module, key) for key in ("embed_dim", "num_heads", "dropout", "batch_first")}
+
+
+register_serializable(CondensedMultiheadAttention, args=_attention_args)
+# Attention projections that stay dense keep the out_proj class nn.MultiheadAttention uses.
+register_serializable(nn.modules.linear.NonDynamicallyQuantizableLinear)
 _NAMES = {cls: name for name, (cls, _) in SERIALIZABLE.items()}
 
 
