@@ -49,7 +49,16 @@ CASES = [
     ("srigl", "before_ddp", False),
     ("set", "after_ddp", False),
     ("srigl", "after_ddp", True),
+    # Compact training: the sparsifier wraps DDP itself and averages the compact values' gradients;
+    # gamma_sal 0.9 ablates neurons, so updates swap in differently shaped values Parameters.
+    ("srigl-compact", "wrap_ddp", False),
 ]
+
+
+def make_sparsifier(algorithm, model, opt, **kwargs):
+    if algorithm == "srigl-compact":
+        return srigl.SRigL(model, opt, compact=True, gamma_sal=0.9, **kwargs)
+    return srigl.get_algorithm(algorithm)(model, opt, **kwargs)
 
 
 def build():
@@ -71,15 +80,18 @@ def global_batch(step, inject):
 def run(algorithm, order, inject, distributed):
     model, opt = build()
     kwargs = dict(sparsity=0.7, total_steps=STEPS, delta=DELTA, distribution="uniform", seed=5)
-    cls = srigl.get_algorithm(algorithm)
     if not distributed:
-        net, sp = model, cls(model, opt, **kwargs)
+        net, sp = model, make_sparsifier(algorithm, model, opt, **kwargs)
     elif order == "before_ddp":
-        sp = cls(model, opt, **kwargs)
+        sp = make_sparsifier(algorithm, model, opt, **kwargs)
         net = DistributedDataParallel(model)
+    elif order == "wrap_ddp":
+        sp = make_sparsifier(algorithm, model, opt, **kwargs)
+        net = sp.wrap_ddp()
     else:
         net = DistributedDataParallel(model)
-        sp = cls(net, opt, **kwargs)
+        sp = make_sparsifier(algorithm, net, opt, **kwargs)
+    shapes = [tuple(p.shape) for p in model.parameters()]
     log = []
     for step in range(1, STEPS + 1):
         x, y = global_batch(step, inject)
@@ -105,6 +117,7 @@ def run(algorithm, order, inject, distributed):
         "masks": sp.masks(),
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
         "log": log,
+        "layout_changed": shapes != [tuple(p.shape) for p in model.parameters()],
     }
 
 
@@ -154,10 +167,11 @@ def ddp_results(tmp_path_factory):
     return root, runpy.run_path(str(script))
 
 
-CASE_IDS = ["rigl-before_ddp", "srigl-after_ddp", "srigl-before_ddp", "set-after_ddp", "srigl-after_ddp-nan"]
+CASE_IDS = ["rigl-before_ddp", "srigl-after_ddp", "srigl-before_ddp", "set-after_ddp", "srigl-after_ddp-nan",
+            "srigl-compact-wrap_ddp"]
 
 
-@pytest.mark.parametrize("case", range(5), ids=CASE_IDS)
+@pytest.mark.parametrize("case", range(6), ids=CASE_IDS)
 def test_ranks_agree_and_match_single_process(ddp_results, case):
     root, ns = ddp_results
     algorithm, order, inject = ns["CASES"][case]
@@ -179,8 +193,10 @@ def test_ranks_agree_and_match_single_process(ddp_results, case):
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
     # Masks really moved during the run (otherwise agreeing would prove little).
     model, opt = ns["build"]()
-    initial = srigl.get_algorithm(algorithm)(model, opt, sparsity=0.7, total_steps=24, delta=3, distribution="uniform", seed=5)
+    initial = ns["make_sparsifier"](algorithm, model, opt, sparsity=0.7, total_steps=24, delta=3, distribution="uniform", seed=5)
     assert any(not torch.equal(initial.masks()[n], m) for n, m in single["masks"].items())
+    if algorithm == "srigl-compact":  # ablation really swapped Parameters under DDP
+        assert single["layout_changed"] and ranks[0]["layout_changed"]
 
 
 def test_non_finite_gradient_on_one_rank_skips_the_update_on_every_rank(ddp_results):
@@ -229,14 +245,15 @@ def test_divergence_is_reported_with_names_and_ranks(tmp_path):
         assert f"rank{r}: 1 of 2 masks differ from rank 0 (world size 2): fc.weight_mask on ranks [1]" in result.stdout
 
 
-def test_torchrun_cli_writes_one_run_folder(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
+def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
     pytest.importorskip("srigl.cli", reason="srigl.cli (the `srigl train` command) has not landed yet")
     pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
     out = tmp_path / "run"
     result = _torchrun(
         ["-m", "srigl", "train", "--data", "digits", "--model", "mlp", "--method", "srigl", "--sparsity", "0.8",
          "--epochs", "1", "--batch-size", "32", "--limit-train", "256", "--limit-test", "64", "--delta", "2",
-         "--no-progress", "--seed", "0", "--out", str(out)],
+         "--no-progress", "--seed", "0", "--out", str(out), *engine],
         cwd=tmp_path,
         timeout=300,
     )
@@ -249,5 +266,7 @@ def test_torchrun_cli_writes_one_run_folder(tmp_path):
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["sparsifier_config"]["algorithm"] == "srigl"
+    if engine:  # the compact run's checkpoint holds condensed values, not dense weights
+        assert any(key.endswith(".values") for key in state["model"]), sorted(state["model"])[:5]
     assert not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())
     shutil.rmtree(out)

@@ -65,6 +65,18 @@ __all__ = [
 CompactMultiheadAttention = CondensedMultiheadAttention
 
 
+def _average_over_ranks(param: nn.Parameter) -> None:
+    """Post-accumulate-grad hook: ``param.grad`` becomes its mean over the ranks.
+
+    With gradient accumulation it runs after every backward; averaging the running sum each time
+    still gives the mean of the sums (the part averaged before is already equal on every rank).
+    """
+    import torch.distributed as dist
+
+    dist.all_reduce(param.grad)
+    param.grad.div_(dist.get_world_size())
+
+
 # ------------------------------------------------------------------------------------------ conversion
 # Dense module type -> its compact training twin. Exact types only: a Linear subclass such as the
 # out_proj of nn.MultiheadAttention is read as a raw tensor by its owner, so it is converted with its
@@ -394,6 +406,7 @@ class CompactSRigL(SRigL):
         self.masked_reasons: dict[str, str] = {}  # tensors kept masked-dense -> why
         self._captured: dict[str, list[list[torch.Tensor | None]]] = {}  # name -> [[x, grad_out], ...]
         self._folded: dict[str, torch.Tensor] = {}  # name -> dense gradient formed during backward
+        self._averaging: dict[int, tuple[nn.Parameter, Any]] | None = None  # id -> (values, hook), after wrap_ddp
         super().__init__(model, optimizer, sparsity, total_steps, gamma_sal=gamma_sal, **kwargs)
         self._make_compact()
 
@@ -496,7 +509,66 @@ class CompactSRigL(SRigL):
         stats = super().step()
         self._captured.clear()
         self._folded.clear()
+        if self._averaging is not None:
+            self._hook_values_for_averaging()  # an update may have swapped in new values Parameters
         return stats
+
+    # ------------------------------------------------------------------ distributed
+    def ddp_ignored_names(self) -> list[str]:
+        """Names (relative to the model) of the compact tensors that DDP must not manage.
+
+        ``values``, ``indices`` and ``active_rows`` of every compact layer: their shapes change when
+        ablation changes a layout (DDP's buckets cannot follow a new Parameter), and gloo cannot
+        broadcast int16 indices. :meth:`wrap_ddp` passes them to DDP and averages the values'
+        gradients itself.
+        """
+        names = {id(module): name for name, module in self.model.named_modules()}
+        return [
+            f"{names[id(layer.module)]}.{tensor}".lstrip(".")
+            for layer in self.layers
+            if isinstance(layer, CompactTensor)
+            for tensor in ("values", "indices", "active_rows")
+        ]
+
+    def wrap_ddp(self, **ddp_kwargs: Any) -> nn.Module:
+        """The model wrapped in ``DistributedDataParallel`` for compact training on several ranks.
+
+        DDP averages the gradients of every ordinary parameter (dense layers, biases, norms) and
+        leaves the compact tensors alone (:meth:`ddp_ignored_names`); the gradient of every compact
+        ``values`` Parameter is averaged over the ranks by a hook as soon as backward has
+        accumulated it (so GradScaler's inf check sees averaged gradients, as with DDP). After a mask
+        update that swaps in new Parameters, :meth:`step` hooks those too, and the DDP wrapper stays
+        valid. Every rank must build the same model with the same seed (the masks are then equal, and
+        the updates keep them equal: their dense gradients are averaged too). Call it after building
+        the sparsifier and use the returned module for forward.
+
+        Args:
+            **ddp_kwargs: passed to ``DistributedDataParallel`` (e.g. ``device_ids``).
+
+        Raises:
+            InvalidConfigError: no process group is initialized.
+        """
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise InvalidConfigError("wrap_ddp needs an initialized process group (torch.distributed.init_process_group)")
+        # DDP reads this attribute of the module it wraps: parameters and buffers it must skip.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self.ddp_ignored_names())
+        self._averaging = {}
+        self._hook_values_for_averaging()
+        return DistributedDataParallel(self.model, **ddp_kwargs)
+
+    def _hook_values_for_averaging(self) -> None:
+        """Registers the averaging hook on every compact ``values`` Parameter that lacks one."""
+        current = {id(layer.module.values): layer.module.values for layer in self.layers if isinstance(layer, CompactTensor)}
+        for key, (param, handle) in list(self._averaging.items()):
+            if current.get(key) is not param:  # replaced by an update or a load
+                handle.remove()
+                del self._averaging[key]
+        for key, values in current.items():
+            if key not in self._averaging and values.requires_grad:
+                self._averaging[key] = (values, values.register_post_accumulate_grad_hook(_average_over_ranks))
 
     def _layer_dense_grad(self, layer: CompactTensor) -> torch.Tensor:
         """Dense ``(out, fan_in)`` gradient of one compact layer, summed over the captured calls
@@ -696,6 +768,8 @@ class CompactSRigL(SRigL):
                     module.active_rows = module.active_rows.new_zeros(shape[0])
             for layer in self.layers:
                 layer.budget = int(state["budgets"][layer.name])
+        if self._averaging is not None:
+            self._hook_values_for_averaging()  # loading may have swapped in new values Parameters
         self._step = int(state["step"])
         self.generator.set_state(state["generator"])
         self._pending_optimizer_steps = 0

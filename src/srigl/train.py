@@ -745,10 +745,6 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
 
     cfg = resolve_config(config)
     proc = init_process(cfg.device)
-    if cfg.compact and proc.world > 1:
-        # A compact layer swaps in a new `values` Parameter when ablation changes its layout, which
-        # DDP (holding the old one) cannot follow.
-        raise InvalidConfigError(f"--compact does not support distributed runs (WORLD_SIZE={proc.world}); run it in one process")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
@@ -778,7 +774,13 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
     if proc.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(base, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        if cfg.compact:
+            # Compact values change shape when ablation changes a layout: the sparsifier keeps them
+            # out of DDP and averages their gradients itself (CompactSRigL.wrap_ddp).
+            model = sparsifier.wrap_ddp(device_ids=device_ids)
+        else:
+            model = DistributedDataParallel(base, device_ids=device_ids)
 
     start_epoch, start_batch, step = 0, 0, 0
     carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
