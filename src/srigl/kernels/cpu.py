@@ -27,6 +27,14 @@ Why this registration
     copy torch has already loaded, so there is one OpenMP pool and ``torch.set_num_threads``
     governs the kernels.
 
+Why fake implementations
+    ``torch.compile`` traces with FakeTensors (shapes, no data), and an operator registered from
+    C++ for the CPU only has no way to say what it returns without running. :func:`_build`
+    therefore registers a fake ("meta") implementation of each operator right after loading it
+    (``torch.library.register_fake``), so dynamo and inductor put the operators into their graphs
+    as opaque calls instead of breaking the graph there. They live on the Meta dispatch key and
+    leave the eager CPU dispatch untouched.
+
 The build happens at most once per process (a lock makes concurrent first calls wait for one
 build); torch's file lock in the build directory serialises concurrent processes.
 """
@@ -59,7 +67,8 @@ FORWARD_GATHER_MAX_BATCH = 2
 BACKWARD_GATHER_MAX_BATCH = 2
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ops" on success, "error" on failure; empty until the first try
+# "ops", "forward_op" and "forward_rows_op" on success, "error" on failure; empty until the first try.
+_state: dict[str, object] = {}
 
 
 def _isa_flags() -> tuple[str, list[str]]:
@@ -118,7 +127,45 @@ def _build() -> object:
     finally:
         if extra_path is not None:
             os.environ["PATH"] = old_path
+    _register_fakes()
     return getattr(torch.ops, _OP_NAMESPACE)
+
+
+def _check_fake_operands(x, values, indices) -> None:
+    # The shape checks of the kernel's check_operands, so that a traced graph fails where eager would.
+    torch._check(x.dim() == 2, lambda: f"srigl_fanin: x must be 2-D (batch, in_features), got {x.dim()} dims")
+    torch._check(
+        values.dim() == 2 and indices.shape == values.shape,
+        lambda: f"srigl_fanin: values {tuple(values.shape)} and indices {tuple(indices.shape)} must be (out, k)",
+    )
+
+
+def _forward_fake(x, values, indices, bias, gather_max_batch, max_width, chunk_rows):
+    _check_fake_operands(x, values, indices)
+    return x.new_empty(x.shape[0], values.shape[0])  # (batch, out), contiguous as the kernel's
+
+
+def _forward_rows_fake(x, values, indices, bias, rows, out_full, gather_max_batch, max_width, chunk_rows):
+    _check_fake_operands(x, values, indices)
+    return x.new_empty(x.shape[0], out_full)  # (batch, out_full)
+
+
+def _backward_fake(grad_y, x, values, indices, need_grad_x, need_grad_values, need_grad_bias,
+                   gather_max_batch, max_width, chunk_rows):
+    _check_fake_operands(x, values, indices)
+    # The kernel returns undefined tensors (None in Python) for the gradients it was not asked for.
+    return (
+        x.new_empty(x.shape) if need_grad_x else None,  # (batch, in)
+        values.new_empty(values.shape) if need_grad_values else None,  # (out, k)
+        x.new_empty(values.shape[0]) if need_grad_bias else None,  # (out,)
+    )
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the operators, for tracing (see the module docstring)."""
+    for name, fake in (("forward", _forward_fake), ("forward_rows", _forward_rows_fake),
+                       ("backward", _backward_fake)):
+        torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", fake)
 
 
 def _ops() -> object | None:
@@ -129,7 +176,11 @@ def _ops() -> object | None:
     with _lock:
         if not _state:
             try:
-                _state["ops"] = _build()
+                ops = _build()
+                # Looked up once here rather than on first use, so that code traced by
+                # torch.compile only reads _state (a write there would fail dynamo's guards on
+                # the next call and compile the graph a second time).
+                _state.update(ops=ops, forward_op=ops.forward.default, forward_rows_op=ops.forward_rows.default)
             except Exception as error:  # any failure (no compiler, no ninja, ...) means: fall back
                 _state["error"] = f"{type(error).__name__}: {error}"
                 _log.debug("srigl C++ kernel unavailable, using the torch fallback: %s", _state["error"])
@@ -145,10 +196,9 @@ def forward_op():
     """
     op = _state.get("forward_op")
     if op is None:
-        ops = _ops()
-        if ops is None:
+        if _ops() is None:
             raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-        op = _state["forward_op"] = ops.forward.default
+        op = _state["forward_op"]
     return op
 
 
@@ -157,10 +207,9 @@ def forward_rows_op():
     ``(x, values, indices, bias, rows, out_full, gather_max_batch, max_width, chunk_rows)``."""
     op = _state.get("forward_rows_op")
     if op is None:
-        ops = _ops()
-        if ops is None:
+        if _ops() is None:
             raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-        op = _state["forward_rows_op"] = ops.forward_rows.default
+        op = _state["forward_rows_op"]
     return op
 
 
