@@ -22,6 +22,15 @@ up, exactly as in the dense matrix built by :func:`fanin_to_dense` (``scatter_ad
 duplicate entry gets its own gradient. Any order of indices within a row is exact; sorted rows
 are ~10 % faster in the C++ backward at larger batches (its cache blocking walks the inputs in
 order), so a condensing step may as well sort them once.
+
+Under ``torch.compile`` (``fullgraph=True`` included) both functions trace without graph breaks:
+the C++ operators have fake implementations (:mod:`srigl.kernels.cpu`), the backend is picked
+once at trace time, and :class:`_FanInProduct` is traced into the forward and backward graphs.
+What a compiled graph does not do is the data-dependent range check of ``indices`` (and of
+``rows``): reading their values is a graph break, and re-scanning them on every call would
+cost as much as a batch-1 product. A compiled graph relies on indices validated before they
+reach it, by :func:`check_indices` or by one eager call; condensing
+(``srigl.condensed.condense_tensor``) produces valid ones by construction.
 """
 
 from __future__ import annotations
@@ -129,6 +138,7 @@ _validated: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
 def _check_indices_cached(indices: torch.Tensor, in_features: int) -> None:
+    """:func:`check_indices`, skipped for a tensor already validated and unchanged since."""
     key = id(indices)
     try:
         version = indices._version
@@ -152,8 +162,12 @@ def _check_indices_cached(indices: torch.Tensor, in_features: int) -> None:
 
 def _check_operands(
     x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None
-) -> None:
-    """Shape, dtype and device checks on metadata only (no data is read; ~0.5 us on the hot path)."""
+) -> torch.Size:
+    """Shape, dtype and device checks on metadata only (no data is read; ~0.8 us on the hot path).
+
+    Returns values' shape, (out_features, k), for the caller: every ``.shape`` read builds a new
+    torch.Size (~0.1 us).
+    """
     shape, dtype = values.shape, x.dtype
     if len(shape) != 2 or indices.shape != shape:
         raise FanInOperandError(
@@ -165,20 +179,22 @@ def _check_operands(
         raise FanInOperandError(f"x ({x.dtype}) and values ({values.dtype}) must share one floating dtype")
     if indices.dtype not in _INDEX_DTYPES:
         raise FanInOperandError(f"indices must be int16, int32 or int64, got {indices.dtype}")
-    if bias is not None and (bias.shape != shape[:1] or bias.dtype is not dtype):
+    # (shape[0],), not shape[:1]: slicing a torch.Size builds another one (~0.1 us on the hot path).
+    if bias is not None and (bias.shape != (shape[0],) or bias.dtype is not dtype):
         raise FanInOperandError(
             f"bias must be ({values.shape[0]},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
         )
     # All on the CPU is the common case and is_cpu is cheap; reading .device builds a
     # torch.device object (~0.25 us each), so only the other cases compare devices.
     if x.is_cpu and values.is_cpu and indices.is_cpu and (bias is None or bias.is_cpu):
-        return
+        return shape
     device = x.device
     if bias is not None and bias.device != device:
         raise FanInOperandError(f"bias is on {bias.device} but x is on {device}")
     if values.device != device or indices.device != device:
         raise FanInOperandError(f"x, values and indices must share one device, got {device}, "
                                 f"{values.device}, {indices.device}")
+    return shape
 
 
 def _extensions_disabled() -> bool:
@@ -227,7 +243,8 @@ def reset_backend_cache() -> None:
     """Forgets the backend chosen per device and dtype, so the next call re-reads the environment.
 
     :func:`fanin_matmul` reads ``SRIGL_DISABLE_EXTENSION`` the first time it sees a device and
-    dtype; call this after changing the variable in a running process.
+    dtype; call this after changing the variable in a running process. Graphs compiled by
+    ``torch.compile`` are guarded on the choice and are retraced on their next call.
     """
     _backend_cache.clear()
 
@@ -239,19 +256,60 @@ def _resolve_backend(requested: str | None, x: torch.Tensor) -> str:
         if name is None:
             name = _backend_cache[key] = _auto_backend(*key)
         return name
+    return _check_requested(requested, x.device, x.dtype)
+
+
+def _check_requested(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``requested`` if that backend can run tensors of this device and dtype; raises otherwise."""
     if requested not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
     if requested == "cpp":
-        if x.device.type != "cpu" or x.dtype not in _CPP_DTYPES:
-            raise BackendUnavailableError(f"backend 'cpp' runs CPU float32/float64, got {x.device} {x.dtype}")
+        if device.type != "cpu" or dtype not in _CPP_DTYPES:
+            raise BackendUnavailableError(f"backend 'cpp' runs CPU float32/float64, got {device} {dtype}")
         if not cpu.available():
             raise BackendUnavailableError(f"backend 'cpp' failed to build: {cpu.load_error()}")
     if requested == "triton":
-        if x.device.type != "cuda" or x.dtype not in _TRITON_DTYPES:
-            raise BackendUnavailableError(f"backend 'triton' runs CUDA floating tensors, got {x.device} {x.dtype}")
+        if device.type != "cuda" or dtype not in _TRITON_DTYPES:
+            raise BackendUnavailableError(f"backend 'triton' runs CUDA floating tensors, got {device} {dtype}")
         if not _triton_available():
             raise BackendUnavailableError("backend 'triton' needs the triton package, which is not importable")
     return requested
+
+
+def _constant_under_compile(fn):
+    """Marks ``fn`` the way ``torch.compiler.assume_constant_result`` does, without its import.
+
+    Dynamo then calls ``fn`` while tracing (its arguments must be constants there: strings,
+    dtypes, devices) and records the result as a constant instead of tracing the body. The
+    public decorator imports ``torch._dynamo`` (~0.8 s), which ``import srigl`` must not pay
+    for code that may never be compiled; tests/test_compile.py checks that both set the same
+    marker.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
+def _prepare_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Under ``torch.compile``: resolves the backend outside the traced code.
+
+    The first resolution may build the C++ kernel (a compiler run, file locks) or import triton,
+    none of which dynamo can trace; run here, at trace time, it leaves only cache reads for the
+    traced :func:`_traced_backend`. A requested backend that cannot run raises here, as in eager.
+    """
+    if requested is not None:
+        _check_requested(requested, device, dtype)
+    elif (device.type, dtype) not in _backend_cache:
+        _backend_cache[device.type, dtype] = _auto_backend(device.type, dtype)
+    return True
+
+
+def _traced_backend(requested: str | None, x: torch.Tensor) -> str:
+    """:func:`_resolve_backend` for code being traced by ``torch.compile``."""
+    _prepare_backend(requested, x.device, x.dtype)
+    # Read in traced code, so dynamo guards on the entry: after reset_backend_cache() (and a
+    # changed SRIGL_DISABLE_EXTENSION) the next call retraces instead of reusing the old backend.
+    return requested if requested is not None else _backend_cache[x.device.type, x.dtype]
 
 
 def _module(name: str):
@@ -312,7 +370,8 @@ def fanin_matmul(
         values: (out_features, k), x's dtype.
         indices: (out_features, k) int16/int32/int64 in ``[0, in_features)``; see
             :func:`index_dtype_for`. Validated on first use and again only after an in-place
-            change. Duplicates within a row add up.
+            change; not inside ``torch.compile`` graphs (see the module docstring). Duplicates
+            within a row add up.
         bias: optional (out_features,), x's dtype.
         backend: ``"cpp"``, ``"triton"`` or ``"torch"`` to force one (errors if it cannot run);
             None picks the fastest available (:func:`backend_name`).
@@ -328,10 +387,13 @@ def fanin_matmul(
     # Every microsecond here shows at batch 1 (the 90 %-sparse 3072 -> 768 product takes ~25 us),
     # so the common case, 2-D inference on the CPU, reads each attribute once and goes straight
     # to the compiled operator; the checks stay (they only read metadata).
-    _check_operands(x, values, indices, bias)
+    shape = _check_operands(x, values, indices, bias)  # (out, k)
     in_features = x.shape[-1]
-    _check_indices_cached(indices, in_features)
-    name = _resolve_backend(backend, x)
+    if _is_dynamo_compiling():  # a traced graph reads no index values; see the module docstring
+        name = _traced_backend(backend, x)
+    else:
+        _check_indices_cached(indices, in_features)
+        name = _resolve_backend(backend, x)
     flat = x.dim() != 2
     # (batch, in); 2-D inputs skip the reshape
     x2d = (x.reshape(math.prod(x.shape[:-1]), in_features) if flat else x).contiguous()
@@ -347,10 +409,14 @@ def fanin_matmul(
         y2d = _cpp_forward()(x2d, values_c, indices_c, bias_c, _GATHER_MAX_BATCH, 0, 0)
     else:
         y2d = _module(name).forward(x2d, values_c, indices_c, bias_c)  # no autograd node: lower overhead
-    return y2d.reshape(*x.shape[:-1], values.shape[0]) if flat else y2d  # (..., out)
+    return y2d.reshape(*x.shape[:-1], shape[0]) if flat else y2d  # (..., out)
 
 
 _cpp_forward = cpu.forward_op
+# True only while dynamo traces (torch.compile, strict torch.export), where it is a constant, so
+# traced code takes the compile branches; in eager it returns False for ~20 ns, the cheapest such
+# test (torch.compiler.is_compiling() costs ~50 ns: it also asks torch.jit.is_scripting()).
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _GATHER_MAX_BATCH = cpu.FORWARD_GATHER_MAX_BATCH
 
 
@@ -379,10 +445,10 @@ def fanin_matmul_rows(
         bias: optional (out_features,), full size.
 
     Raises:
-        FanInOperandError: mismatched shapes, dtypes or devices, or rows out of range.
+        FanInOperandError: mismatched shapes, dtypes or devices, or rows out of range (the
+            range is not checked inside ``torch.compile`` graphs, like the indices').
     """
-    _check_operands(x, values, indices, None)
-    n_active = values.shape[0]
+    n_active = _check_operands(x, values, indices, None)[0]
     if rows.dtype is not torch.int64 or rows.shape != (n_active,):
         raise FanInOperandError(f"rows must be int64 of shape ({n_active},), got {rows.dtype} {tuple(rows.shape)}")
     if out_features < n_active:
@@ -398,8 +464,12 @@ def fanin_matmul_rows(
     if not same_device:
         raise FanInOperandError(f"rows and bias must be on x's device ({x.device})")
     in_features = x.shape[-1]
-    _check_indices_cached(indices, in_features)
-    name = _resolve_backend(backend, x)
+    compiling = _is_dynamo_compiling()
+    if compiling:  # a traced graph reads no index or row values; see the module docstring
+        name = _traced_backend(backend, x)
+    else:
+        _check_indices_cached(indices, in_features)
+        name = _resolve_backend(backend, x)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -419,7 +489,7 @@ def fanin_matmul_rows(
     if n_active == 0:
         shape = (*x.shape[:-1], out_features)
         return x.new_zeros(shape) if bias is None else bias.expand(shape).contiguous()
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
+    if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
         raise FanInOperandError(f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]")
     if bias is None:
         active = fanin_matmul(x, values, indices, None, backend=backend)  # (..., n_active)
