@@ -116,6 +116,10 @@ def _time_split(layer: CondensedLinear, x: torch.Tensor, min_run_time: float) ->
     split = {"fanin_us": median_us(lambda x: kernels.fanin_matmul(x, values, indices, bias), x, min_run_time)}
     if kernels.backend_name("cpu") == "cpp":
         split["op_us"] = median_us(lambda x: kernels.cpu.forward(x, values, indices, bias), x, min_run_time)
+        # The same operator with every row's indices inside one 64-byte line of x: the loads then
+        # always hit L1, so what is left is the cost of the gather instructions themselves.
+        one_line = (torch.arange(indices.shape[1]) % 16).to(indices.dtype).expand_as(indices).contiguous()
+        split["one_line_us"] = median_us(lambda x: kernels.cpu.forward(x, values, one_line, bias), x, min_run_time)
     return split
 
 
@@ -291,6 +295,17 @@ def _bound_lines(row: dict, needed_us: float, min_run_time: float) -> list[str]:
             f"  - Ceiling: `sum()` reads a {moved / 1e6:.2f} MB working set at {bandwidth:.1f} GB/s here "
             f"({moved / (bandwidth * 1e3):.1f} µs), the best any kernel streaming srigl's bytes could do."
         )
+        if "one_line_us" in row:
+            threads = torch.get_num_threads()
+            lines.append(
+                f"  - Gathers: the layer fits in L2 here, so bandwidth is not the limit. With every index inside "
+                f"one 64-byte line of x (all loads hit L1) the operator takes {row['one_line_us']:.1f} µs against "
+                f"{op_us:.1f} µs with the real indices: its time is set by the {nnz // 8:,} 8-wide gather "
+                f"instructions ({row['one_line_us'] * 1e3 * threads / (nnz / 8):.2f} ns each per core over "
+                f"{threads} threads). Avoiding them (e.g. permuting x from registers over panels of rows) "
+                f"needs a zero-padded layout of about 1.7-2x the bytes per nonzero, which would lose as soon as the "
+                f"weights stream from memory instead of L2, as they do in a whole model."
+            )
     else:
         lines.append(
             f"  - Compute: {flops / 1e6:.1f} MFLOP; the operator runs {flops / (op_us * 1e3):.1f} GFLOP/s and would "
