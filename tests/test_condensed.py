@@ -464,3 +464,55 @@ def test_condensed_conv_state_dict_round_trip():
     fresh = CondensedConv2d(4, 6, 3, condensed.fan_in, condensed.n_active, padding=1, groups=2)
     fresh.load_state_dict(condensed.state_dict())
     assert_same_outputs(conv, fresh, torch.randn(2, 4, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# CondensedLinear's inference path (no autograd): the compiled operators called directly
+# ---------------------------------------------------------------------------------------------
+
+
+def _inference_layer(ablated: float, bias: bool, seed: int = 0) -> tuple[nn.Linear, CondensedLinear]:
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(40, 24, bias=bias)
+    mask = constant_fan_in_mask((24, 40), 0.2, ablated, generator)
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    return linear, CondensedLinear.from_dense(linear, mask)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 40])
+@pytest.mark.parametrize("ablated", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias):
+    from srigl import kernels
+
+    if kernels.cpu_inference_ops(torch.float32) is None:
+        pytest.skip("the C++ kernel is not available: there is no direct path")
+    linear, layer = _inference_layer(ablated, bias, seed=batch)
+    x = torch.randn(batch, 40)
+    general = layer._matmul(x).detach()  # autograd on: the general path
+    calls = []
+    monkeypatch.setattr(layer, "_matmul", lambda *a: calls.append(a) or general)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == []  # the direct path answered
+    assert torch.equal(y, general)  # same kernel, same summation order
+    torch.testing.assert_close(y, linear(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_path_leaves_bad_or_unusual_inputs_to_the_general_path():
+    from srigl.kernels import FanInOperandError
+
+    linear, layer = _inference_layer(0.25, True)
+    with torch.no_grad():
+        with pytest.raises(FanInOperandError, match="float64"):
+            layer(torch.randn(2, 40, dtype=torch.float64))  # named error, not the kernel's RuntimeError
+        with pytest.raises(FanInOperandError):
+            layer(torch.randn(2, 39))  # an input narrower than the layer is never read out of bounds
+        x3 = torch.randn(2, 3, 40)  # leading dims and non-contiguous inputs: the general path
+        torch.testing.assert_close(layer(x3), linear(x3), rtol=1e-5, atol=1e-5)
+        xt = torch.randn(40, 5).T
+        torch.testing.assert_close(layer(xt), linear(xt), rtol=1e-5, atol=1e-5)
+        layer.indices[0, 0] = 40  # an in-place change is re-validated before the kernel reads it
+        with pytest.raises(FanInOperandError, match="40"):
+            layer(torch.randn(1, 40))

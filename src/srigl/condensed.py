@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.errors import InvalidConfigError, NotConstantFanInError, SriglError
-from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
+from srigl.kernels import cpu_inference_ops, fanin_matmul, fanin_matmul_rows, index_dtype_for, validate_indices_once
+from srigl.kernels.cpu import FORWARD_GATHER_MAX_BATCH as _GATHER_MAX_BATCH
 from srigl.structures import fan_in_counts
 
 __all__ = [
@@ -277,6 +278,10 @@ def _gather_matmul_rows(x, values, indices, bias, rows, out_features):
     return bias.expand(*x.shape[:-1], out_features).index_copy(-1, rows, active)  # (..., out)
 
 
+# True only while dynamo traces: compiled graphs take the general (traceable) path.
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
 def _fanin_matmul(x, values, indices, bias):
     if torch.compiler.is_exporting():
         # torch.export (under the dynamo ONNX exporter too) cannot trace srigl.kernels: an
@@ -356,7 +361,36 @@ class CondensedLinear(_CondensedLayer):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            y = self._inference(x)
+            if y is not None:
+                return y
         return self._matmul(x)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product straight from the compiled operators, or None to take the general path.
+
+        Inference at batch 1 is dominated by per-call overhead (the 90 %-sparse 3072 -> 768 product
+        takes ~23 us, fanin_matmul's checks ~2 us more). The module owns values, indices and bias, so
+        only the input needs checking here; anything unexpected (another device or dtype, a
+        non-contiguous operand, a traced graph) goes to the general path, which names the problem.
+        """
+        params, buffers = self._parameters, self._buffers
+        values, bias, indices = params["values"], params["bias"], buffers["indices"]
+        if not (x.is_cpu and x.dim() == 2 and x.dtype is values.dtype and x.shape[1] == self.in_features) or (
+            _is_dynamo_compiling() or indices.dtype is torch.int64
+        ):
+            return None
+        ops = cpu_inference_ops(values.dtype)
+        if ops is None or not (values.is_cpu and x.is_contiguous()):
+            return None
+        validate_indices_once(indices, self.in_features)
+        try:
+            if values.shape[0] == self.out_features:
+                return ops[0](x, values, indices, bias, _GATHER_MAX_BATCH, 0, 0)
+            return ops[1](x, values, indices, bias, buffers["active_rows"], self.out_features, _GATHER_MAX_BATCH, 0, 0)
+        except RuntimeError:  # e.g. operands made non-contiguous from outside: let the general path say
+            return None
 
     def extra_repr(self) -> str:
         return (

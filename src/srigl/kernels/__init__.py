@@ -59,6 +59,8 @@ __all__ = [
     "fanin_to_dense",
     "index_dtype_for",
     "reset_backend_cache",
+    "cpu_inference_ops",
+    "validate_indices_once",
 ]
 
 #: Backend names accepted by ``fanin_matmul(..., backend=...)``.
@@ -499,3 +501,29 @@ def fanin_matmul_rows(
 
 
 _cpp_forward_rows = cpu.forward_rows_op
+
+
+def cpu_inference_ops(dtype: torch.dtype) -> tuple[object, object] | None:
+    """The compiled ``(forward, forward_rows)`` operators when CPU tensors of ``dtype`` run on them.
+
+    For modules that own their operands (``srigl.condensed``): they call the operators directly
+    in inference (~2 us less per call than :func:`fanin_matmul` at batch 1), after checking what
+    only the input can get wrong, and having validated their indices with
+    :func:`validate_indices_once`. None when the automatic backend for ``("cpu", dtype)`` is not
+    the C++ kernel (disabled, failed to build, or an unsupported dtype).
+    """
+    name = _backend_cache.get(("cpu", dtype))
+    if name is None:
+        name = _backend_cache["cpu", dtype] = _auto_backend("cpu", dtype)
+    return (_cpp_forward(), _cpp_forward_rows()) if name == "cpp" else None
+
+
+def validate_indices_once(indices: torch.Tensor, in_features: int) -> None:
+    """:func:`check_indices`, skipped when this tensor was validated before and is unchanged since
+    (same storage, no in-place change).
+
+    Raises:
+        FanInOperandError, IndexOutOfRangeError: as :func:`check_indices`.
+    """
+    _check_indices_cached(indices, in_features)
+
