@@ -47,6 +47,7 @@ from srigl.condensed import (
     CondensedTensor,
     condense_tensor,
     masked_dense_twin,
+    why_attention_not_condensable,
 )
 from srigl.errors import InvalidConfigError, StateDictMismatchError
 
@@ -109,10 +110,7 @@ def _why_not_compact(module: nn.Module, parent: nn.Module | None, types: tuple[t
         # numeric zero padding only.
         return f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r}"
     if isinstance(module, nn.MultiheadAttention):
-        if module.in_proj_weight is None or module.bias_k is not None or module.add_zero_attn:
-            return "MultiheadAttention with kdim/vdim != embed_dim, bias_k/bias_v or add_zero_attn"
-        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            return f"MultiheadAttention inside {type(parent).__name__}, whose fast path reads its raw tensors"
+        return why_attention_not_condensable(module, parent)
     if parent is None:
         return "the root module cannot be swapped"
     return None

@@ -43,6 +43,7 @@ __all__ = [
     "constant_fan_in",
     "masked_dense_twin",
     "register_condenser",
+    "why_attention_not_condensable",
 ]
 
 
@@ -1113,7 +1114,7 @@ def condense(
             continue  # an out_proj: planned, converted and reported with its attention
         if isinstance(module, nn.MultiheadAttention) and (owned or _fqn(name, "out_proj.weight") in masks_by_param):
             parent = parents.get(name.rpartition(".")[0]) if name else None
-            why = _why_attention_stays_dense(module, parent)
+            why = why_attention_not_condensable(module, parent)
             plans = {} if why else _plan_attention(name, module, masks_by_param)
             if plans and any(plan.fan_in is not None for plan in plans.values()):
                 attentions[name] = (module, plans)
@@ -1201,14 +1202,17 @@ def condense(
     return condensed_model, report
 
 
-def _why_attention_stays_dense(mha: nn.MultiheadAttention, parent: nn.Module | None) -> str | None:
-    """Why an attention with masked projections cannot become a CondensedMultiheadAttention."""
+def why_attention_not_condensable(mha: nn.MultiheadAttention, parent: nn.Module | None) -> str | None:
+    """Why ``mha`` (child of ``parent``) cannot become a :class:`CondensedMultiheadAttention`, or None.
+
+    Used by :func:`condense` and by compact training (:mod:`srigl.compact`) alike.
+    """
     if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
-        return "nn.MultiheadAttention with kdim/vdim != embed_dim, bias_k/bias_v or add_zero_attn stays dense"
+        return "MultiheadAttention with kdim/vdim != embed_dim, bias_k/bias_v or add_zero_attn"
     if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return f"nn.MultiheadAttention inside {type(parent).__name__}, whose fast path reads its raw tensors, stays dense"
+        return f"MultiheadAttention inside {type(parent).__name__}, whose fast path reads its raw tensors"
     if parent is None:
-        return "nn.MultiheadAttention as the root module stays dense"
+        return "the root module cannot be swapped"
     return None
 
 

@@ -187,6 +187,16 @@ def _ops() -> object | None:
     return _state.get("ops")
 
 
+def _loaded_op(key: str):
+    """A compiled operator handle stored at load time (see :func:`_ops`); builds on first use."""
+    op = _state.get(key)
+    if op is None:
+        if _ops() is None:
+            raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+        op = _state[key]
+    return op
+
+
 def forward_op():
     """The compiled forward as an ``OpOverload`` (``srigl_fanin::forward``), for hot paths.
 
@@ -194,23 +204,13 @@ def forward_op():
     operator: ``(x, values, indices, bias, gather_max_batch, max_width, chunk_rows)`` with int16
     or int32 indices. Raises RuntimeError when the kernel is not available.
     """
-    op = _state.get("forward_op")
-    if op is None:
-        if _ops() is None:
-            raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-        op = _state["forward_op"]
-    return op
+    return _loaded_op("forward_op")
 
 
 def forward_rows_op():
     """The compiled ``srigl_fanin::forward_rows`` (see :func:`srigl.kernels.fanin_matmul_rows`):
     ``(x, values, indices, bias, rows, out_full, gather_max_batch, max_width, chunk_rows)``."""
-    op = _state.get("forward_rows_op")
-    if op is None:
-        if _ops() is None:
-            raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-        op = _state["forward_rows_op"]
-    return op
+    return _loaded_op("forward_rows_op")
 
 
 def available() -> bool:
