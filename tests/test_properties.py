@@ -265,6 +265,45 @@ def test_step_before_optimizer_step_raises(algorithm_name):
     assert sp.step_count == 1
 
 
+@pytest.mark.parametrize(
+    "algorithm_name, compact",
+    [(name, False) for name in ALGORITHMS] + [(name, True) for name, (alg, _) in ALGORITHMS.items() if alg is srigl.SRigL],
+)
+def test_a_step_skipped_by_grad_scaler_is_not_counted(algorithm_name, compact):
+    algorithm, kwargs = ALGORITHMS[algorithm_name]
+    model = _small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = algorithm(model, optimizer, 0.5, TOTAL_STEPS, delta=2, **kwargs, **({"compact": True} if compact else {}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(4, 6)
+
+    def train_step(overflow: bool):
+        scaler.scale(model(x).square().mean()).backward()
+        if overflow:  # what an fp16 overflow leaves in one gradient
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)  # skips optimizer.step() when a gradient is not finite
+        scaler.update()
+        stats = sp.step()
+        optimizer.zero_grad()
+        return stats
+
+    train_step(False)
+    assert sp.step_count == 1 and sp.skipped_steps == 0
+    before = [p.detach().clone() for p in model.parameters()]
+    assert train_step(True) is None  # step 2 would be an update step: nothing happens instead
+    assert sp.step_count == 1 and sp.skipped_steps == 1
+    assert scaler.get_scale() == 2.0**7  # the scaler did skip and back off
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    stats = train_step(False)  # the real step 2: the update happens now, on finite gradients
+    assert sp.step_count == 2
+    if algorithm is not srigl.Static:
+        assert stats is not None and not stats.get("skipped")
+    # Forgetting optimizer.step() with finite gradients is still refused.
+    scaler.scale(model(x).square().mean()).backward()
+    with pytest.raises(StepOrderError, match="at step 2"):
+        sp.step()
+
+
 @pytest.mark.parametrize("algorithm_name", list(ALGORITHMS))
 def test_parameters_not_in_optimizer_raise(algorithm_name):
     algorithm, kwargs = ALGORITHMS[algorithm_name]

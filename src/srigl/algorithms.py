@@ -167,6 +167,8 @@ class Sparsifier:
 
         self._step = 0
         self._pending_optimizer_steps = 0
+        #: Calls of :meth:`step` that found the optimizer step skipped for non-finite gradients.
+        self.skipped_steps = 0
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._collecting = self.needs_dense_grad and self.schedule.is_update_step(1)
         self.last_update: dict[str, Any] = {}
@@ -291,19 +293,31 @@ class Sparsifier:
     def step(self) -> dict[str, Any] | None:
         """Count one training step; on update steps, drop and regrow every sparse tensor.
 
-        Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``.
+        Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. With
+        ``torch.amp.GradScaler``, call it after ``scaler.step(optimizer)`` as usual: when the
+        scaler skipped the optimizer step (a gradient overflowed), the skip is recognised by the
+        non-finite gradients it leaves, and the step is not counted (:attr:`skipped_steps`).
 
         Returns:
             The update's statistics (a plain dict) on update steps, else None.
 
         Raises:
-            StepOrderError: no ``optimizer.step()`` happened since the previous call.
+            StepOrderError: no ``optimizer.step()`` happened since the previous call, and the
+                gradients are finite (so no gradient scaler skipped it).
         """
         if self._pending_optimizer_steps == 0:
+            if self._gradients_non_finite():
+                # The optimizer step was skipped for overflowing gradients (GradScaler does this
+                # routinely while it calibrates its scale): no training step happened, so none is
+                # counted, and dense gradients kept for an update are dropped (the next backward
+                # collects them again).
+                self.skipped_steps += 1
+                self._dense_grads.clear()
+                return None
             raise StepOrderError(
                 f"sparsifier.step() called at step {self._step} without optimizer.step() since the last call; "
-                "call optimizer.step() first (with torch.amp.GradScaler, skip sparsifier.step() too when "
-                "scaler.step() skipped the optimizer step)"
+                "call optimizer.step() first (a step that torch.amp.GradScaler skipped for non-finite "
+                "gradients is recognised and not counted)"
             )
         self._pending_optimizer_steps = 0
         self._step += 1
@@ -313,6 +327,11 @@ class Sparsifier:
         self._dense_grads.clear()
         self._collecting = self.needs_dense_grad and self.schedule.is_update_step(self._step + 1)
         return stats
+
+    def _gradients_non_finite(self) -> bool:
+        """Whether any gradient the optimizer holds is NaN or inf (what a skipped AMP step leaves)."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and not all(bool(torch.isfinite(g).all()) for g in grads)
 
     @torch.no_grad()
     def _update(self, drop_fraction: float) -> dict[str, Any]:
