@@ -62,6 +62,7 @@ THREADS = 2
 GATHER_LIMIT_BYTES = 2**30  # the gather method materialises (batch, n_active, k); skip beyond 1 GiB
 COLUMNS = ("dense", "structured", "csr", "gather", "srigl", "srigl+abl")
 COPIES = 3  # independent builds of every column per sparsity; each column reports its best
+TARGET_CSR_BUILDS = 8  # further CSR builds at the target points
 # (sparsity, batch, minimum speed-up of srigl over dense, minimum over CSR or None)
 TARGETS = ((0.90, 1, 5.0, 3.0), (0.90, 256, 1.5, None), (0.99, 1, 8.0, None))
 
@@ -154,6 +155,14 @@ def run_sweep(batches, min_run_time: float, seed: int = 0) -> list[dict]:
             if any((sparsity, batch) == target[:2] for target in TARGETS):
                 splits = [_time_split(fns["srigl"], x, min_run_time / COPIES) for fns in builds]
                 row.update({key: min(split[key] for split in splits) for key in splits[0]})
+                # Targets are judged against CSR at its best: more builds, so that its fast layout
+                # shows up (a single build is a coin flip between ~70 and ~86 us at 90 %, batch 1).
+                row["csr_builds"] = [
+                    median_us(lambda x, csr=linear.weight.detach().to_sparse_csr(): F.linear(x, csr, linear.bias),
+                              x, min_run_time / COPIES)
+                    for _ in range(TARGET_CSR_BUILDS)
+                ]
+                row["csr"] = min(row["csr"], *row["csr_builds"])
             rows.append(row)
             print(_format_row(row), flush=True)
     return rows
@@ -262,9 +271,12 @@ def _targets_section(rows: list[dict], min_run_time: float) -> list[str]:
         dense_ratio = row["dense"] / row["srigl"]
         csr_ratio = row["csr"] / row["srigl"]
         met = dense_ratio >= vs_dense and (vs_csr is None or csr_ratio >= vs_csr)
+        builds = row.get("csr_builds")
+        spread = (f"; CSR is the best of {len(builds) + COPIES} builds, the extra {len(builds)} took "
+                  f"{min(builds):.1f}-{max(builds):.1f} µs" if builds else "")
         lines.append(
             f"- {label}: **{'met' if met else 'NOT met'}**: {dense_ratio:.2f}× dense, {csr_ratio:.2f}× CSR "
-            f"(srigl {row['srigl']:.1f} µs, dense {row['dense']:.1f} µs, CSR {row['csr']:.1f} µs)."
+            f"(srigl {row['srigl']:.1f} µs, dense {row['dense']:.1f} µs, CSR {row['csr']:.1f} µs{spread})."
         )
         if not met:
             needed = min(row["dense"] / vs_dense, row["csr"] / vs_csr if vs_csr else float("inf"))
