@@ -179,7 +179,9 @@ def _build(node: dict[str, Any], skeleton: nn.Module | None, where: str) -> nn.M
         cls = SERIALIZABLE[node["type"]][0]
         module = cls(**{key: _decode(value) for key, value in node["args"].items()})
     for name, child in node["children"].items():
-        child_skeleton = skeleton._modules.get(name) if skeleton is not None and node["type"] is None else None
+        # The skeleton is followed below registered nodes too: an unregistered block inside a
+        # registered container (a ViT's blocks in an nn.Sequential) comes from the skeleton.
+        child_skeleton = skeleton._modules.get(name) if skeleton is not None else None
         module.add_module(name, _build(child, child_skeleton, f"{where}.{name}".lstrip(".")))
     return module
 
