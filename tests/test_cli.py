@@ -233,7 +233,21 @@ def test_condense_a_trained_srigl_run(tmp_path, capsys, engine):
     run = _train(tmp_path, "--method", "srigl", "--sparsity", "0.9", *engine)
     target = tmp_path / "model.safetensors"
     assert main(["condense", str(run), "--out", str(target)]) == 0
-    assert target.exists() and "condensed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert target.exists() and "condensed" in out
+    # The printed call rebuilds the model from the file and the recorded architecture.
+    from srigl.serialization import read_metadata
+    from srigl.train import load_trained_model
+
+    assert read_metadata(target)["model"] == "mlp"
+    call = out.split("load it with: ")[1].strip()
+    loaded = eval(call, {"srigl": srigl})  # noqa: S307 - the CLI's own output
+    import srigl.models  # noqa: F401 - the printed call names it
+
+    masked, _ = load_trained_model(run)
+    x = torch.randn(5, 1, 28, 28)  # digits come upscaled to 28 x 28
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), masked(x), rtol=1e-5, atol=1e-5)
     dense = _train(tmp_path, "--method", "dense", name="dense")
     with pytest.raises(SystemExit) as exit_info:
         main(["condense", str(dense), "--out", str(tmp_path / "x")])

@@ -228,10 +228,18 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if config.method == "dense":
         parser.error(f"{args['checkpoint']} is a dense run; nothing to condense")
+    from srigl.data import dataset_info
+
     condensed, report = condense(model)
-    save_condensed(condensed, args["out"])
+    info = dataset_info(config.data)
+    # What rebuilds the architecture (the skeleton load_condensed needs for models with custom blocks).
+    skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,
+                "num_classes": info.num_classes}
+    save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
+    call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
-          f"wrote {args['out']}")
+          f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
+          f"model=srigl.models.create_model({call}))")
     return 0
 
 
