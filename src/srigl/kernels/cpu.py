@@ -59,12 +59,12 @@ _SOURCE = Path(__file__).with_name("cpu.cpp")
 _OP_NAMESPACE = "srigl_fanin"
 
 #: Batches up to these sizes use the gather layout, larger ones the transposed layout. Measured
-#: crossovers (AVX-512, 3072 -> 768 at 90 % and 99 % sparsity, one thread): the forward gather
-#: costs ~50 us per batch row against a flat ~210 us for the transposed path up to 16 rows (90 %),
-#: so they meet at 3-4 rows; the backward gather (a gather plus a scalar scatter per row) meets
-#: the transposed path at 2-3 rows.
+#: crossovers (AVX-512 Xeon, 3072 -> 768 at 90 %, 691 rows, 2 threads): the forward gather costs
+#: ~22 us per batch row against a flat ~51 us for the transposed path up to 4 rows (44 vs 51 us at
+#: batch 2, 64 vs 51 us at batch 3); the backward gather (a gather plus a scalar scatter per row)
+#: already loses at batch 2 (219 vs 198 us; 119 vs 193 us at batch 1).
 FORWARD_GATHER_MAX_BATCH = 2
-BACKWARD_GATHER_MAX_BATCH = 2
+BACKWARD_GATHER_MAX_BATCH = 1
 
 _lock = threading.Lock()
 # "ops", "forward_op" and "forward_rows_op" on success, "error" on failure; empty until the first try.
