@@ -190,6 +190,19 @@ inline void gather_axpy(T* dst, T g, const T* x, const I* idx, int64_t k) {
   for (; j < k; ++j) dst[j] += g * x[idx[j]];
 }
 
+// out[i] = sum over c of scratch[c * n + i]: per-chunk private accumulators reduced in a fixed
+// order (so results do not depend on thread scheduling).
+template <typename T>
+void reduce_chunks(const T* scratch, int64_t chunks, int64_t n, T* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += scratch[c * n + i];
+      out[i] = s;
+    }
+  });
+}
+
 // Grain for at::parallel_for over output rows: forking costs a few microseconds, so each thread
 // gets at least ~16k multiply-adds.
 inline int64_t rows_grain(int64_t k, int64_t batch) {
@@ -260,16 +273,7 @@ void backward_gather(const T* grad_y, const T* x, const T* values, const I* indi
       }
     }
   });
-  if (grad_x != nullptr && chunks > 1) {
-    const int64_t n = batch * in_features;
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += scratch[c * n + i];
-        grad_x[i] = s;
-      }
-    });
-  }
+  if (grad_x != nullptr && chunks > 1) reduce_chunks(scratch.data(), chunks, batch * in_features, grad_x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -748,31 +752,9 @@ void backward_transposed(const T* grad_y, const T* x, const T* values, const I* 
     }
   });
 
-  if (!gv_scratch.empty()) {
-    at::parallel_for(0, nk, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += gv_scratch[c * nk + i];
-        grad_values[i] = s;
-      }
-    });
-  }
-  if (!gb_scratch.empty()) {
-    for (int64_t o = 0; o < out_features; ++o) {
-      T s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += gb_scratch[c * out_features + o];
-      grad_bias[o] = s;
-    }
-  }
-  if (!gx_scratch.empty()) {
-    at::parallel_for(0, nx, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += gx_scratch[c * nx + i];
-        grad_x[i] = s;
-      }
-    });
-  }
+  if (!gv_scratch.empty()) reduce_chunks(gv_scratch.data(), chunks, nk, grad_values);
+  if (!gb_scratch.empty()) reduce_chunks(gb_scratch.data(), chunks, out_features, grad_bias);
+  if (!gx_scratch.empty()) reduce_chunks(gx_scratch.data(), chunks, nx, grad_x);
 }
 
 // ---------------------------------------------------------------------------------------------
