@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.errors import InvalidConfigError, NotConstantFanInError, SriglError
-from srigl.kernels import cpu_inference_ops, fanin_matmul, fanin_matmul_rows, index_dtype_for, validate_indices_once
+from srigl.kernels import (
+    cpu_inference_ops,
+    fanin_matmul,
+    fanin_matmul_rows,
+    index_dtype_for,
+    place_active_rows,
+    validate_indices_once,
+)
 from srigl.kernels.cpu import FORWARD_GATHER_MAX_BATCH as _GATHER_MAX_BATCH
 from srigl.structures import fan_in_counts
 
@@ -248,7 +255,7 @@ class _CondensedLayer(nn.Module):
         if values.shape[0] == out_features:
             return _fanin_matmul(x, values, indices, bias)
         if torch.compiler.is_exporting():
-            return _gather_matmul_rows(x, values, indices, bias, rows, out_features)
+            return place_active_rows(_gather_matmul, x, values, indices, rows, out_features, bias)
         return fanin_matmul_rows(x, values, indices, rows, out_features, bias)
 
     def _out_features(self) -> int:  # out_features / out_channels, ablated neurons included
@@ -265,18 +272,6 @@ def _gather_matmul(x, values, indices, bias):
     gathered = x.index_select(-1, indices.reshape(-1)).unflatten(-1, indices.shape)  # (..., out, k)
     y = (gathered * values).sum(-1)  # (..., out)
     return y if bias is None else y + bias
-
-
-def _gather_matmul_rows(x, values, indices, bias, rows, out_features):
-    """:func:`_gather_matmul` for a layer with ablated rows: active results land in ``rows``."""
-    if values.shape[0] == 0:  # every neuron ablated
-        shape = (*x.shape[:-1], out_features)
-        return x.new_zeros(shape) if bias is None else bias.expand(shape).contiguous()
-    if bias is None:
-        active = _gather_matmul(x, values, indices, None)  # (..., n_active)
-        return x.new_zeros(*x.shape[:-1], out_features).index_copy_(-1, rows, active)  # (..., out)
-    active = _gather_matmul(x, values, indices, bias.index_select(0, rows))  # (..., n_active)
-    return bias.expand(*x.shape[:-1], out_features).index_copy(-1, rows, active)  # (..., out)
 
 
 # True only while dynamo traces: compiled graphs take the general (traceable) path.

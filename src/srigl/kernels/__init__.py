@@ -58,6 +58,7 @@ __all__ = [
     "fanin_matmul_rows",
     "fanin_to_dense",
     "index_dtype_for",
+    "place_active_rows",
     "reset_backend_cache",
     "cpu_inference_ops",
     "validate_indices_once",
@@ -139,8 +140,13 @@ def check_indices(indices: torch.Tensor, in_features: int) -> None:
 _validated: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
-def _check_indices_cached(indices: torch.Tensor, in_features: int) -> None:
-    """:func:`check_indices`, skipped for a tensor already validated and unchanged since."""
+def validate_indices_once(indices: torch.Tensor, in_features: int) -> None:
+    """:func:`check_indices`, skipped when this tensor was validated before and is unchanged since
+    (same storage, no in-place change).
+
+    Raises:
+        FanInOperandError, IndexOutOfRangeError: as :func:`check_indices`.
+    """
     key = id(indices)
     try:
         version = indices._version
@@ -251,13 +257,17 @@ def reset_backend_cache() -> None:
     _backend_cache.clear()
 
 
+def _cached_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The automatic backend for ``(device_type, dtype)``, chosen once and kept in the cache."""
+    name = _backend_cache.get((device_type, dtype))
+    if name is None:
+        name = _backend_cache[device_type, dtype] = _auto_backend(device_type, dtype)
+    return name
+
+
 def _resolve_backend(requested: str | None, x: torch.Tensor) -> str:
     if requested is None:
-        key = ("cpu" if x.is_cpu else x.device.type, x.dtype)
-        name = _backend_cache.get(key)
-        if name is None:
-            name = _backend_cache[key] = _auto_backend(*key)
-        return name
+        return _cached_backend("cpu" if x.is_cpu else x.device.type, x.dtype)
     return _check_requested(requested, x.device, x.dtype)
 
 
@@ -301,8 +311,8 @@ def _prepare_backend(requested: str | None, device: torch.device, dtype: torch.d
     """
     if requested is not None:
         _check_requested(requested, device, dtype)
-    elif (device.type, dtype) not in _backend_cache:
-        _backend_cache[device.type, dtype] = _auto_backend(device.type, dtype)
+    else:
+        _cached_backend(device.type, dtype)
     return True
 
 
@@ -394,7 +404,7 @@ def fanin_matmul(
     if _is_dynamo_compiling():  # a traced graph reads no index values; see the module docstring
         name = _traced_backend(backend, x)
     else:
-        _check_indices_cached(indices, in_features)
+        validate_indices_once(indices, in_features)
         name = _resolve_backend(backend, x)
     flat = x.dim() != 2
     # (batch, in); 2-D inputs skip the reshape
@@ -470,7 +480,7 @@ def fanin_matmul_rows(
     if compiling:  # a traced graph reads no index or row values; see the module docstring
         name = _traced_backend(backend, x)
     else:
-        _check_indices_cached(indices, in_features)
+        validate_indices_once(indices, in_features)
         name = _resolve_backend(backend, x)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
@@ -488,15 +498,28 @@ def fanin_matmul_rows(
                 raise
             raise FanInOperandError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
         return y2d.reshape(*x.shape[:-1], out_features) if flat else y2d  # (..., out_features)
-    if n_active == 0:
-        shape = (*x.shape[:-1], out_features)
-        return x.new_zeros(shape) if bias is None else bias.expand(shape).contiguous()
     if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
         raise FanInOperandError(f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]")
+    return place_active_rows(
+        lambda x, values, indices, bias: fanin_matmul(x, values, indices, bias, backend=backend),
+        x, values, indices, rows, out_features, bias,
+    )
+
+
+def place_active_rows(product, x, values, indices, rows, out_features, bias):
+    """``y (..., out_features)``: ``product(x, values, indices, bias[rows])`` in columns ``rows``,
+    every other column its bias (or 0), in plain aten ops.
+
+    The general route of :func:`fanin_matmul_rows` (with ``product`` = :func:`fanin_matmul`), and
+    of exporting a condensed layer (with a gather -> multiply -> sum product).
+    """
+    if values.shape[0] == 0:  # every neuron ablated
+        shape = (*x.shape[:-1], out_features)
+        return x.new_zeros(shape) if bias is None else bias.expand(shape).contiguous()
     if bias is None:
-        active = fanin_matmul(x, values, indices, None, backend=backend)  # (..., n_active)
+        active = product(x, values, indices, None)  # (..., n_active)
         return x.new_zeros(*x.shape[:-1], out_features).index_copy_(-1, rows, active)  # (..., out)
-    active = fanin_matmul(x, values, indices, bias.index_select(0, rows), backend=backend)  # (..., n_active)
+    active = product(x, values, indices, bias.index_select(0, rows))  # (..., n_active)
     return bias.expand(*x.shape[:-1], out_features).index_copy(-1, rows, active)  # (..., out), a new tensor
 
 
@@ -512,18 +535,6 @@ def cpu_inference_ops(dtype: torch.dtype) -> tuple[object, object] | None:
     :func:`validate_indices_once`. None when the automatic backend for ``("cpu", dtype)`` is not
     the C++ kernel (disabled, failed to build, or an unsupported dtype).
     """
-    name = _backend_cache.get(("cpu", dtype))
-    if name is None:
-        name = _backend_cache["cpu", dtype] = _auto_backend("cpu", dtype)
-    return (_cpp_forward(), _cpp_forward_rows()) if name == "cpp" else None
+    return (_cpp_forward(), _cpp_forward_rows()) if _cached_backend("cpu", dtype) == "cpp" else None
 
-
-def validate_indices_once(indices: torch.Tensor, in_features: int) -> None:
-    """:func:`check_indices`, skipped when this tensor was validated before and is unchanged since
-    (same storage, no in-place change).
-
-    Raises:
-        FanInOperandError, IndexOutOfRangeError: as :func:`check_indices`.
-    """
-    _check_indices_cached(indices, in_features)
 

@@ -486,6 +486,17 @@ inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx
   for (int n = 0; n < NV; ++n) store<T, B>(acc_row + n * L, acc[0][n]);
 }
 
+// End of the run of entries [j0, end) of one index row that falls in the input chunk ending at
+// c1. The last (often the only) chunk takes every remaining entry without scanning: the scan
+// costs about as much per entry as a narrow tile's multiply-add (batch 3-8 ran 1.5-2x slower).
+template <typename I>
+inline int64_t chunk_end(const I* idx, int64_t j0, int64_t k, int64_t c1, int64_t in_features) {
+  if (c1 >= in_features) return k;
+  int64_t j1 = j0;
+  while (j1 < k && idx[j1] < c1) ++j1;
+  return j1;
+}
+
 // Output rows [o0, o1) for one tile: yt[o - o0, :] = bias[o] + sum_j values[o, j] * xt[indices[o, j], :].
 //
 // Cache blocking: a random row of xt (in_features, width) comes from L2, at ~16 multiply-adds
@@ -510,14 +521,7 @@ void forward_tile(const T* xt, int64_t width, int64_t in_features, int64_t chunk
     for (int64_t o = o0; o < o1; ++o) {
       const I* idx = indices + o * k;
       const int64_t j0 = cursor[o - o0];
-      int64_t j1 = j0;
-      // The last (often the only) chunk takes every remaining entry: no scan. The scan costs about
-      // as much per entry as a narrow tile's multiply-add (batch 3-8 ran 1.5-2x slower with it).
-      if (c1 >= in_features) {
-        j1 = k;
-      } else {
-        while (j1 < k && idx[j1] < c1) ++j1;
-      }
+      const int64_t j1 = chunk_end(idx, j0, k, c1, in_features);
       if (j1 == j0) continue;
       accumulate_rows<T, I, B, NV>(yt + (o - o0) * width, xt, width, idx, values + o * k, j0, j1);
       cursor[o - o0] = j1;
@@ -580,14 +584,7 @@ void backward_tile(const T* xt, const T* gyt, T* gxt, int64_t width, int64_t in_
     for (int64_t o = o0; o < o1; ++o) {
       const I* idx = indices + o * k;
       const int64_t j0 = cursor[o - o0];
-      int64_t j1 = j0;
-      // The last (often the only) chunk takes every remaining entry: no scan. The scan costs about
-      // as much per entry as a narrow tile's multiply-add (batch 3-8 ran 1.5-2x slower with it).
-      if (c1 >= in_features) {
-        j1 = k;
-      } else {
-        while (j1 < k && idx[j1] < c1) ++j1;
-      }
+      const int64_t j1 = chunk_end(idx, j0, k, c1, in_features);
       if (j1 == j0) continue;
       V g[NV];
 #pragma GCC unroll 8
