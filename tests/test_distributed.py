@@ -145,6 +145,12 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    # Build the C++ kernel here first (compact runs use it): otherwise both ranks, and any other
+    # test worker, compile it at once on a cold cache. Once, a rank then aborted ("terminate
+    # called without an active exception") in a cold-cache suite run under xdist.
+    from srigl.kernels import cpu_extension_available
+
+    cpu_extension_available()
     for _ in range(3):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
