@@ -483,12 +483,14 @@ def _inference_layer(ablated: float, bias: bool, seed: int = 0) -> tuple[nn.Line
 @pytest.mark.parametrize("batch", [1, 2, 3, 40])
 @pytest.mark.parametrize("ablated", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias):
+@pytest.mark.parametrize("windows", [False, True])
+def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias, windows):
     from srigl import kernels
 
     if kernels.cpu_inference_ops(torch.float32) is None:
         pytest.skip("the C++ kernel is not available: there is no direct path")
     linear, layer = _inference_layer(ablated, bias, seed=batch)
+    layer.window_inference = windows
     x = torch.randn(batch, 40)
     general = layer._matmul(x).detach()  # autograd on: the general path
     calls = []
@@ -496,7 +498,13 @@ def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias):
     with torch.no_grad():
         y = layer(x)
     assert calls == []  # the direct path answered
-    assert torch.equal(y, general)  # same kernel, same summation order
+    layout = layer._windows(layer.values, layer.indices)  # the cached (packed, max_batch, op) or None
+    assert (layout is not None) == (windows and kernels.cpu.window_ops() is not None)
+    uses_windows = layout is not None and batch <= layout[1]
+    if uses_windows:  # another summation order
+        torch.testing.assert_close(y, general, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(y, general)  # same kernel, same summation order
     torch.testing.assert_close(y, linear(x).detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -509,10 +517,57 @@ def test_inference_path_leaves_bad_or_unusual_inputs_to_the_general_path():
             layer(torch.randn(2, 40, dtype=torch.float64))  # named error, not the kernel's RuntimeError
         with pytest.raises(FanInOperandError):
             layer(torch.randn(2, 39))  # an input narrower than the layer is never read out of bounds
-        x3 = torch.randn(2, 3, 40)  # leading dims and non-contiguous inputs: the general path
+        x3 = torch.randn(2, 3, 40)  # leading dims: flattened (a view) for the direct path
         torch.testing.assert_close(layer(x3), linear(x3), rtol=1e-5, atol=1e-5)
-        xt = torch.randn(40, 5).T
+        xt = torch.randn(40, 5).T  # non-contiguous: the general path
         torch.testing.assert_close(layer(xt), linear(xt), rtol=1e-5, atol=1e-5)
         layer.indices[0, 0] = 40  # an in-place change is re-validated before the kernel reads it
         with pytest.raises(FanInOperandError, match="40"):
             layer(torch.randn(1, 40))
+
+
+def _window_layer_or_skip(seed: int = 0) -> tuple[nn.Linear, CondensedLinear]:
+    from srigl import kernels
+
+    if kernels.cpu.window_ops() is None:
+        pytest.skip("no window layout here (C++ kernel unavailable or not built for AVX-512)")
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(256, 48)
+    mask = constant_fan_in_mask((48, 256), 0.1, 0.25, generator)  # 10 % dense, a quarter ablated
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    return linear, CondensedLinear.from_dense(linear, mask)
+
+
+def test_window_cache_follows_the_weights():
+    linear, layer = _window_layer_or_skip()
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        packed = layer._window_cache[1][0]
+        layer(x)
+        assert layer._window_cache[1][0] is packed  # unchanged weights: the cached copy is reused
+        layer.values.mul_(2)  # an in-place change (an optimizer step, say) repacks
+        linear.weight.mul_(2)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert layer._window_cache[1][0] is not packed
+        # A new tensor in place of the old one repacks too.
+        layer.values = nn.Parameter(layer.values * 0.5)
+        linear.weight.mul_(0.5)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        layer.load_state_dict({**layer.state_dict(), "values": torch.zeros_like(layer.values)})
+        torch.testing.assert_close(layer(x), linear.bias.expand(1, -1), rtol=0, atol=0)
+
+
+def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
+    linear, layer = _window_layer_or_skip(1)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        with_windows = layer(x)
+        assert layer._window_cache[1] is not None
+        layer.window_inference = False
+        torch.testing.assert_close(layer(x), with_windows, rtol=1e-6, atol=1e-6)
+        layer.window_inference = True
+        layer.double()  # a conversion makes new tensors: the packed copy is not kept alive
+        assert "_window_cache" not in layer.__dict__
+        torch.testing.assert_close(layer(x.double()), linear.double()(x.double()), rtol=1e-9, atol=1e-9)

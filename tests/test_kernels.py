@@ -609,3 +609,177 @@ def test_rows_bad_input(backend, grad):
     for kwargs, pattern in cases:
         with pytest.raises(FanInOperandError, match=pattern):
             kernels.fanin_matmul_rows(x, values, indices, backend=backend, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The window layout (AVX-512 builds): srigl.kernels.window_layout + cpu.window_ops()
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_ops_or_skip():
+    _cpp_or_skip()
+    ops = cpu.window_ops()
+    if ops is None:
+        pytest.skip("the C++ kernel was not built for AVX-512 here: no window layout")
+    return ops
+
+
+def _window_header(packed: torch.Tensor) -> dict[str, int]:
+    fields = ("magic", "in_features", "rows", "panels", "steps", "panel_start", "offsets", "masks", "lanes", "values")
+    return dict(zip(fields, packed[: 8 * len(fields)].view(torch.int64).tolist()))
+
+
+def test_window_layout_golden_schedule():
+    # 40 inputs, 3 rows of 2 nonzeros. Greedy: step 0 takes the window [0, 32) (smallest next
+    # index 0): rows 0 and 1 take inputs 0 and 1; step 1, window [0, 32) again (next smallest 2):
+    # only row 1 (input 2); step 2, smallest next 33 -> 32, clamped to 40 - 32 = 8 so both loads
+    # stay inside x: rows 0 (35) and 2 (33); step 3, window [8, 40): row 2 (39).
+    pack, forward = _window_ops_or_skip()
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    indices = torch.tensor([[35, 0], [2, 1], [39, 33]], dtype=torch.int16)  # rows need not be sorted
+    packed = pack(values, indices, 40)
+    h = _window_header(packed)
+    assert (h["in_features"], h["rows"], h["panels"], h["steps"]) == (40, 3, 1, 4)
+    assert packed[h["offsets"] : h["offsets"] + 16].view(torch.int32).tolist() == [0, 0, 8, 8]
+    assert packed[h["masks"] : h["masks"] + 8].view(torch.int16).tolist() == [0b011, 0b010, 0b101, 0b100]
+    # Local indices of the 4 steps, byte t of each lane's 32-bit word: lane 0 takes 0 then 35 - 8.
+    lanes = packed[h["lanes"] : h["lanes"] + 64].view(16, 4)  # (lane, step)
+    assert lanes[:3].tolist() == [[0, 0, 27, 0], [1, 2, 0, 0], [0, 0, 25, 31]]
+    step_values = packed[h["values"] :].view(torch.float32).view(4, 16)[:, :3]  # (step, lane)
+    assert step_values.tolist() == [[2.0, 4.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 6.0], [0.0, 0.0, 5.0]]
+    x = torch.arange(40.0).unsqueeze(0)  # x[i] = i
+    y = forward(x, packed, torch.tensor([0.5, 0.0, -1.0]), None, 3)
+    # row 0: 1*35 + 2*0 + .5; row 1: 3*2 + 4*1; row 2: 5*39 + 6*33 - 1
+    assert y.tolist() == [[35.5, 10.0, 392.0]]
+
+
+@st.composite
+def window_cases(draw):
+    in_features = draw(st.integers(32, 200))
+    k = draw(st.integers(0, min(in_features, 60)))
+    rows = draw(st.integers(0, 40))
+    out_full = rows + draw(st.integers(0, 5))  # > rows: the layer has ablated neurons
+    batch = draw(st.sampled_from([1, 2, 3, 5, 8, 9, 17]))
+    index_dtype = draw(st.sampled_from([torch.int16, torch.int32]))
+    unique = draw(st.booleans())
+    has_bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return in_features, k, rows, out_full, batch, index_dtype, unique, has_bias, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=window_cases())
+def test_window_layout_matches_dense(case):
+    pack, forward = _window_ops_or_skip()
+    in_features, k, rows, out_full, batch, index_dtype, unique, has_bias, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    if unique:
+        values, indices = _random_layer(rows, in_features, k, index_dtype=index_dtype, seed=seed)
+    else:  # duplicates add up, as everywhere
+        indices = torch.randint(0, in_features, (rows, k), generator=generator).to(index_dtype)
+        values = torch.randn(rows, k, generator=generator)
+    columns = torch.randperm(out_full, generator=generator)[:rows]  # where each row lands
+    bias = torch.randn(out_full, generator=generator) if has_bias else None
+    x = torch.randn(batch, in_features, generator=generator)
+    packed = pack(values, indices, in_features)
+    full_values = torch.zeros(out_full, k).index_copy_(0, columns, values)  # ablated rows: no weights
+    full_indices = torch.zeros(out_full, k, dtype=index_dtype).index_copy_(0, columns, indices)
+    expected = _dense_reference(x, full_values, full_indices, bias)
+    y = forward(x, packed, bias, columns, out_full)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    if out_full == rows:  # no rows argument: row r is column r
+        expected = _dense_reference(x, values, indices, None if bias is None else bias)
+        torch.testing.assert_close(forward(x, packed, bias, None, rows).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_layout_padding_never_reads_nonfinite_inputs():
+    # Padding lanes multiply a zero value by some x in their window: with an inf or NaN there
+    # that would be NaN, so such inputs take the masked route. Inputs no row reads stay harmless;
+    # a NaN that a row does read reaches that row only.
+    pack, forward = _window_ops_or_skip()
+    values, indices = _random_layer(37, 95, 5, seed=3)
+    indices += 1  # no row reads input 0, the window start of the first step, where padding lanes point
+    packed = pack(values, indices, 96)
+    assert _window_header(packed)["steps"] * 16 > values.numel()  # there is padding
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x = torch.randn(4, 96)
+        x[1, 0] = bad
+        expected = fanin_matmul(x, values, indices, None, backend="torch")
+        y = forward(x, packed, None, None, 37)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 96)
+    x[0, int(indices[5, 0])] = float("nan")
+    y = forward(x, packed, None, None, 37)
+    readers = (indices.long() == int(indices[5, 0])).any(1)  # rows that read that input
+    assert torch.equal(y[0].isnan(), readers) and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_window_layout_is_deterministic_across_threads(threads):
+    # Panels are independent (each output is one lane's sum in step order): bitwise equal results.
+    pack, forward = _window_ops_or_skip()
+    values, indices = _random_layer(100, 300, 30, seed=4)
+    packed = pack(values, indices, 300)
+    x = torch.randn(11, 300)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forward(x, packed, None, None, 100)
+        torch.set_num_threads(threads)
+        assert torch.equal(forward(x, packed, None, None, 100), one)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_window_layout_bad_input():
+    pack, forward = _window_ops_or_skip()
+    values, indices = _random_layer(5, 64, 4)
+    packed = pack(values, indices, 64)
+    x = torch.randn(2, 64)
+    cases = [
+        (lambda: pack(values, indices, 16), r"needs in_features >= 32, got 16"),
+        (lambda: pack(values.double(), indices, 64), r"float32 values"),
+        (lambda: pack(values, indices.clone().fill_(64), 64), r"index 64 is outside \[0, 64\)"),
+        (lambda: forward(torch.randn(2, 63), packed, None, None, 5), r"x has 63 features, the packed layer 64"),
+        (lambda: forward(x, packed[:-4], None, None, 5), r"not a buffer from pack_windows"),
+        (lambda: forward(x, packed.clone().fill_(0), None, None, 5), r"not a buffer from pack_windows"),
+        (lambda: forward(x, packed, None, None, 6), r"out_full \(6\) must equal the packed rows \(5\)"),
+        (lambda: forward(x, packed, None, torch.tensor([0, 1, 2, 3, 9]), 6), r"rows\[4\] = 9 is outside \[0, 6\)"),
+        (lambda: forward(x, packed, torch.zeros(4), None, 5), r"bias must be a contiguous float32 \(5,\)"),
+        (lambda: forward(x.double(), packed, None, None, 5), r"contiguous float32"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            call()
+
+
+def test_window_layout_availability_and_batch_bound():
+    _window_ops_or_skip()
+    values, indices = _random_layer(50, 512, 50, seed=5)  # ~10 % dense: modest padding
+    layout = kernels.window_layout(values, indices, 512)
+    assert layout is not None
+    packed, max_batch = layout
+    steps = _window_header(packed)["steps"]
+    padding = 16 * steps / values.numel()
+    assert 1.0 < padding < 4.0
+    # The batch bound is the first row of the table that the padding fits under.
+    assert max_batch == next(b for bound, b in kernels._WINDOW_BATCH_BY_PADDING if padding <= bound)
+    assert kernels.window_layout(values.double(), indices, 512) is None  # float32 only
+    assert kernels.window_layout(values, indices.long(), 512) is None  # int16/int32 indices only
+    assert kernels.window_layout(values[:, :0], indices[:, :0], 512) is None  # nothing to pack
+    small_values, small_indices = _random_layer(4, 20, 3)
+    assert kernels.window_layout(small_values, small_indices, 20) is None  # narrower than a window
+
+
+def test_window_layout_respects_disabled_extension(monkeypatch):
+    _window_ops_or_skip()
+    values, indices = _random_layer(8, 64, 4)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    kernels.reset_backend_cache()
+    try:
+        assert kernels.window_layout(values, indices, 64) is None
+    finally:
+        monkeypatch.delenv(kernels.DISABLE_ENV)
+        kernels.reset_backend_cache()
+    assert kernels.window_layout(values, indices, 64) is not None

@@ -28,13 +28,16 @@ from torch import nn
 
 from srigl.errors import InvalidConfigError, NotConstantFanInError, SriglError
 from srigl.kernels import (
+    WINDOW_MAX_BATCH,
     cpu_inference_ops,
     fanin_matmul,
     fanin_matmul_rows,
     index_dtype_for,
     place_active_rows,
     validate_indices_once,
+    window_layout,
 )
+from srigl.kernels import cpu as _cpu
 from srigl.kernels.cpu import FORWARD_GATHER_MAX_BATCH as _GATHER_MAX_BATCH
 from srigl.structures import fan_in_counts
 
@@ -356,6 +359,11 @@ class CondensedLinear(_CondensedLayer):
     def _in_features_flat(self) -> int:
         return self.in_features
 
+    #: Whether CPU inference may keep a window-layout copy of the weights (see :meth:`_windows`).
+    #: It is ~1.3-1.4x the bytes of ``values`` + ``indices`` at 80-90 % sparsity; set this to False
+    #: (on the class or one layer) to trade that memory for the slower gather route at small batches.
+    window_inference: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             y = self._inference(x)
@@ -367,26 +375,67 @@ class CondensedLinear(_CondensedLayer):
         """The product straight from the compiled operators, or None to take the general path.
 
         Inference at batch 1 is dominated by per-call overhead (the 90 %-sparse 3072 -> 768 product
-        takes ~23 us, fanin_matmul's checks ~2 us more). The module owns values, indices and bias, so
-        only the input needs checking here; anything unexpected (another device or dtype, a
-        non-contiguous operand, a traced graph) goes to the general path, which names the problem.
+        takes ~15 us in the window layout, fanin_matmul's checks ~2 us more). The module owns values,
+        indices and bias, so only the input needs checking here; anything unexpected (another device
+        or dtype, a non-contiguous operand, a traced graph) goes to the general path, which names
+        the problem.
         """
         params, buffers = self._parameters, self._buffers
         values, bias, indices = params["values"], params["bias"], buffers["indices"]
-        if not (x.is_cpu and x.dim() == 2 and x.dtype is values.dtype and x.shape[1] == self.in_features) or (
-            _is_dynamo_compiling() or indices.dtype is torch.int64
+        if not (x.is_cpu and x.dtype is values.dtype and x.shape[-1] == self.in_features and x.is_contiguous()) or (
+            _is_dynamo_compiling() or indices.dtype is torch.int64 or x.dim() < 2
         ):
             return None
-        ops = cpu_inference_ops(values.dtype)
-        if ops is None or not (values.is_cpu and x.is_contiguous()):
-            return None
-        validate_indices_once(indices, self.in_features)
+        x2d = x if x.dim() == 2 else x.view(-1, self.in_features)  # (batch, in): contiguous, so a view
+        batch = x2d.shape[0]
+        ablated = values.shape[0] != self.out_features
+        rows = buffers["active_rows"] if ablated else None
         try:
-            if values.shape[0] == self.out_features:
-                return ops[0](x, values, indices, bias, _GATHER_MAX_BATCH, 0, 0)
-            return ops[1](x, values, indices, bias, buffers["active_rows"], self.out_features, _GATHER_MAX_BATCH, 0, 0)
+            # No index validation on this route: packing checks every index, and the cache is
+            # rebuilt whenever the indices change.
+            windows = self._windows(values, indices) if batch <= WINDOW_MAX_BATCH else None
+            if windows is not None and batch <= windows[1]:
+                y = windows[2](x2d, windows[0], bias, rows, self.out_features)
+            else:
+                ops = cpu_inference_ops(values.dtype)
+                if ops is None or not values.is_cpu:
+                    return None
+                validate_indices_once(indices, self.in_features)
+                if not ablated:
+                    y = ops[0](x2d, values, indices, bias, _GATHER_MAX_BATCH, 0, 0)
+                else:
+                    y = ops[1](x2d, values, indices, bias, rows, self.out_features, _GATHER_MAX_BATCH, 0, 0)
         except RuntimeError:  # e.g. operands made non-contiguous from outside: let the general path say
             return None
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def _windows(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, int, Any] | None:
+        """``(packed, max_batch, forward_windows)``: :func:`srigl.kernels.window_layout` of this
+        layer and the operator that runs it, built on first use and cached; None where the layout
+        is unavailable or :attr:`window_inference` is off.
+
+        The cache is keyed on the storage and version counter of ``values`` and ``indices``, so any
+        change to the weights (an optimizer step, ``load_state_dict``, ``.data`` swapped for a new
+        tensor) repacks on the next call. Tensors without a version counter (created under
+        ``torch.inference_mode``) cannot be tracked and are not packed.
+        """
+        if not self.window_inference:
+            return None
+        try:
+            key = (values.data_ptr(), values._version, indices.data_ptr(), indices._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        cached = self.__dict__.get("_window_cache")
+        if cached is None or cached[0] != key:
+            layout = window_layout(values, indices, self.in_features)
+            cached = (key, None if layout is None else (*layout, _cpu.window_ops()[1]))
+            self.__dict__["_window_cache"] = cached
+        return cached[1]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() make new tensors: drop the packed copy rather than keep it alive.
+        self.__dict__.pop("_window_cache", None)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (

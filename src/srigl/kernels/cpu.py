@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -67,7 +67,8 @@ FORWARD_GATHER_MAX_BATCH = 2
 BACKWARD_GATHER_MAX_BATCH = 1
 
 _lock = threading.Lock()
-# "ops", "forward_op" and "forward_rows_op" on success, "error" on failure; empty until the first try.
+# "ops", "forward_op", "forward_rows_op" (and "window_ops" on AVX-512) on success, "error" on
+# failure; empty until the first try.
 _state: dict[str, object] = {}
 
 
@@ -181,6 +182,8 @@ def _ops() -> object | None:
                 # torch.compile only reads _state (a write there would fail dynamo's guards on
                 # the next call and compile the graph a second time).
                 _state.update(ops=ops, forward_op=ops.forward.default, forward_rows_op=ops.forward_rows.default)
+                if _isa_flags()[0] == "avx512":  # the window kernel is AVX-512 only (cpu.cpp says why)
+                    _state["window_ops"] = (ops.pack_windows.default, ops.forward_windows.default)
             except Exception as error:  # any failure (no compiler, no ninja, ...) means: fall back
                 _state["error"] = f"{type(error).__name__}: {error}"
                 _log.debug("srigl C++ kernel unavailable, using the torch fallback: %s", _state["error"])
@@ -211,6 +214,19 @@ def forward_rows_op():
     """The compiled ``srigl_fanin::forward_rows`` (see :func:`srigl.kernels.fanin_matmul_rows`):
     ``(x, values, indices, bias, rows, out_full, gather_max_batch, max_width, chunk_rows)``."""
     return _loaded_op("forward_rows_op")
+
+
+def window_ops() -> tuple[object, object] | None:
+    """``(pack_windows, forward_windows)``, the window layout's operators, or None where the
+    kernel is unavailable or was not built for AVX-512 (see "window layout" in ``cpu.cpp``).
+
+    ``pack_windows(values, indices, in_features) -> packed`` (float32, in_features >= 32; uint8
+    buffer) and ``forward_windows(x, packed, bias, rows, out_full) -> y``, where ``rows`` (or None)
+    and ``bias`` are as :func:`forward_rows_op`'s.
+    """
+    if _ops() is None:
+        return None
+    return _state.get("window_ops")
 
 
 def available() -> bool:
