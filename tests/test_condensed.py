@@ -568,6 +568,12 @@ def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
         layer.window_inference = False
         torch.testing.assert_close(layer(x), with_windows, rtol=1e-6, atol=1e-6)
         layer.window_inference = True
+        layer(x)
+    assert layer._window_cache[1] is not None
+    layer(x)  # a forward with autograd (training) drops it: the weights are about to change
+    assert "_window_cache" not in layer.__dict__
+    with torch.no_grad():
+        layer(x)
         layer.double()  # a conversion makes new tensors: the packed copy is not kept alive
         assert "_window_cache" not in layer.__dict__
         torch.testing.assert_close(layer(x.double()), linear.double()(x.double()), rtol=1e-9, atol=1e-9)

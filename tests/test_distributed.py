@@ -30,6 +30,7 @@ pytestmark = pytest.mark.distributed
 SRC = str(Path(srigl.__file__).resolve().parents[1])
 
 WORKER = r'''
+import gc
 import json
 import sys
 import warnings
@@ -137,6 +138,10 @@ if __name__ == "__main__":
         torch.save(result, f"{out}/{algorithm}-{order}-{inject}-rank{rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # Free the DDP wrappers (reference cycles) now: they hold the process group, whose gloo worker
+    # threads would otherwise outlive it into interpreter shutdown and abort the process there
+    # ("terminate called without an active exception") when one frees a finished collective late.
+    gc.collect()
 '''
 
 
@@ -145,9 +150,10 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    # Build the C++ kernel here first (compact runs use it): otherwise both ranks, and any other
-    # test worker, compile it at once on a cold cache. Once, a rank then aborted ("terminate
-    # called without an active exception") in a cold-cache suite run under xdist.
+    # Build the C++ kernel here first (compact runs use it), so that the ranks, and any other test
+    # worker, do not all compile it at once on a cold cache. (The rank aborts once blamed on that,
+    # "terminate called without an active exception", were gloo threads outliving the process
+    # group into interpreter shutdown: see the gc.collect() at the end of WORKER and in srigl.cli.)
     from srigl.kernels import cpu_extension_available
 
     cpu_extension_available()

@@ -369,6 +369,10 @@ class CondensedLinear(_CondensedLayer):
             y = self._inference(x)
             if y is not None:
                 return y
+        elif "_window_cache" in self.__dict__:
+            # Training (compact training evaluates under no_grad between steps): the weights are about
+            # to change, so the packed copy would only hold memory until the next evaluation repacks.
+            del self.__dict__["_window_cache"]
         return self._matmul(x)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor | None:

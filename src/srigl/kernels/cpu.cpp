@@ -1,9 +1,10 @@
 // Constant fan-in product on the CPU: y[b, o] = sum_j values[o, j] * x[b, indices[o, j]] (+ bias[o]).
 //
 // Compiled on first use by srigl/kernels/cpu.py (torch.utils.cpp_extension.load) and registered as
-// the torch operators srigl_fanin::forward and srigl_fanin::backward. Autograd lives in Python.
+// the torch operators srigl_fanin::forward, forward_rows and backward (autograd lives in Python),
+// plus pack_windows and forward_windows for the window layout below.
 //
-// Two layouts, chosen by batch size:
+// Two layouts for the operands as stored (values, indices), chosen by batch size:
 //
 // * gather (batch <= gather_max_batch): one output row at a time, a dot product of values[o, :]
 //   with x[b, indices[o, :]]. Hardware gathers (AVX2) fetch 8 x entries per instruction;
@@ -17,6 +18,11 @@
 //   The backward uses the same tiles: grad_values is a dot product per (o, j) (reduced 16 at a
 //   time), grad_x a scatter into a per-tile xT-shaped accumulator. Parallel over tiles (and over
 //   output rows when there are fewer tiles than threads).
+//
+// A third, the window layout (AVX-512 builds only), is a repacked copy of the layer that a module
+// owning the weights builds once and caches: rows in panels of 16 lanes, nonzeros scheduled into
+// 32-input windows read with a permute instead of gathers. It is the fastest route for small
+// batches; see its section for the layout and the numbers.
 //
 // Parallelism uses at::parallel_for, i.e. torch's own OpenMP pool, so torch.set_num_threads()
 // applies and no second OpenMP runtime is started. Work is split into a fixed number of chunks
