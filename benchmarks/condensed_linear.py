@@ -25,7 +25,9 @@ Columns, all timed in one run with ``torch.utils.benchmark.Timer.blocked_autoran
 * gather     -- pure torch ``x[..., indices] * values -> sum`` over the active neurons: the SRigL
   reference's ``CondensedLinearFineGrained`` method (691 outputs).
 * srigl      -- ``CondensedLinear`` over the active neurons (691 outputs), i.e. a hidden layer after
-  :func:`srigl.condense` removed its ablated neurons; it runs ``srigl.kernels.fanin_matmul``.
+  :func:`srigl.condense` removed its ablated neurons. In inference it runs the compiled operators
+  directly: the window layout (``srigl.kernels.window_layout``, AVX-512) up to the batch size its
+  padding allows, ``srigl.kernels.fanin_matmul``'s gather / tiled routes beyond.
 * srigl+abl  -- ``CondensedLinear.from_dense`` of the full layer (768 outputs; the ablated neurons'
   bias is scattered in), as for an output layer whose ablated neurons cannot be removed.
 
@@ -114,16 +116,33 @@ def variants(linear: nn.Linear, mask: torch.Tensor) -> dict[str, object]:
 
 
 def _time_split(layer: CondensedLinear, x: torch.Tensor, min_run_time: float) -> dict[str, float]:
-    """Times of the kernel call alone (``fanin_us``) and of its compiled operator (``op_us``, cpp backend)."""
+    """Times of the compiled operator the module runs (``op_us``), of ``srigl.kernels.fanin_matmul``
+    (``fanin_us``) and of its gather/tiled operator (``gather_op_us``), for the bound analysis."""
     values, indices, bias = layer.values.detach(), layer.indices, layer.bias.detach()
     split = {"fanin_us": median_us(lambda x: kernels.fanin_matmul(x, values, indices, bias), x, min_run_time)}
     if kernels.backend_name("cpu") == "cpp":
-        split["op_us"] = median_us(lambda x: kernels.cpu.forward(x, values, indices, bias), x, min_run_time)
+        split["gather_op_us"] = median_us(lambda x: kernels.cpu.forward(x, values, indices, bias), x, min_run_time)
         # The same operator with every row's indices inside one 64-byte line of x: the loads then
         # always hit L1, so what is left is the cost of the gather instructions themselves.
         one_line = (torch.arange(indices.shape[1]) % 16).to(indices.dtype).expand_as(indices).contiguous()
         split["one_line_us"] = median_us(lambda x: kernels.cpu.forward(x, values, one_line, bias), x, min_run_time)
+        split["op_us"] = split["gather_op_us"]
+        windows = layer._windows(values, indices)
+        if windows is not None and x.shape[0] <= windows[1]:
+            split["op_us"] = median_us(lambda x: windows[2](x, windows[0], bias, None, values.shape[0]), x, min_run_time)
     return split
+
+
+def _route(layer: CondensedLinear) -> str:
+    """Which operators the srigl column runs, by batch size."""
+    windows = layer._windows(layer.values.detach(), layer.indices)
+    if windows is None:
+        return "gather (batch ≤ 2) / tiled operators (no window layout here)"
+    steps = int(windows[0][32:40].view(torch.int64))
+    padding = 16 * steps / layer.values.numel()
+    return (f"window layout up to batch {windows[1]} (padding {padding:.2f}: 16 × steps / nonzeros; "
+            f"{windows[0].numel() / 1e6:.2f} MB against {layer.values.numel() * (4 + layer.indices.element_size()) / 1e6:.2f} MB "
+            "of values + indices), tiled operator beyond")
 
 
 def read_bandwidth_gbs(n_bytes: int, min_run_time: float) -> float:
@@ -145,7 +164,8 @@ def run_sweep(batches, min_run_time: float, seed: int = 0) -> list[dict]:
         n_active = int(mask.any(dim=1).sum())
         for batch in batches:
             x = torch.randn(batch, IN_FEATURES, generator=generator)
-            row = {"sparsity": sparsity, "batch": batch, "k": k, "n_active": n_active}
+            row = {"sparsity": sparsity, "batch": batch, "k": k, "n_active": n_active,
+                   "route": _route(builds[0]["srigl"])}
             for name in builds[0]:
                 gathered_bytes = batch * n_active * k * 4
                 if name == "gather" and gathered_bytes > GATHER_LIMIT_BYTES:
@@ -314,16 +334,19 @@ def _bound_lines(row: dict, needed_us: float, min_run_time: float) -> list[str]:
             f"  - Ceiling: `sum()` reads a {moved / 1e6:.2f} MB working set at {bandwidth:.1f} GB/s here "
             f"({moved / (bandwidth * 1e3):.1f} µs), the best any kernel streaming srigl's bytes could do."
         )
-        if "one_line_us" in row:
+        if "one_line_us" in row and row["op_us"] == row.get("gather_op_us"):
             threads = torch.get_num_threads()
             lines.append(
                 f"  - Gathers: the layer fits in L2 here, so bandwidth is not the limit. With every index inside "
                 f"one 64-byte line of x (all loads hit L1) the operator takes {row['one_line_us']:.1f} µs against "
                 f"{op_us:.1f} µs with the real indices: its time is set by the {nnz // 8:,} 8-wide gather "
                 f"instructions ({row['one_line_us'] * 1e3 * threads / (nnz / 8):.2f} ns each per core over "
-                f"{threads} threads). Avoiding them (e.g. permuting x from registers over panels of rows) "
-                f"needs a zero-padded layout of about 1.7-2x the bytes per nonzero, which would lose as soon as the "
-                f"weights stream from memory instead of L2, as they do in a whole model."
+                f"{threads} threads)."
+            )
+        elif "gather_op_us" in row:
+            lines.append(
+                f"  - Window layout: its operator takes {op_us:.1f} µs against {row['gather_op_us']:.1f} µs for the "
+                f"gather operator; it moves more bytes per nonzero (see the route above) but needs no gathers."
             )
     else:
         lines.append(
@@ -348,8 +371,9 @@ def write_markdown(rows: list[dict], path: Path, min_run_time: float, load: tupl
         f"- 1-minute load average before / after the sweep: {load[0]:.2f} / {load[1]:.2f} "
         f"(other processes on the {os.cpu_count()} cores disturb the timings); process niceness {os.nice(0)}, "
         f"{_autogroup()}",
-        f"- srigl kernel: `srigl.kernels.fanin_matmul`, backend `{kernels.backend_name('cpu')}`, "
-        f"kernels at commit {_kernels_commit()}",
+        f"- srigl kernel: `CondensedLinear` in inference calls the compiled operators directly (backend "
+        f"`{kernels.backend_name('cpu')}`; the route per sparsity is under each table), kernels at commit "
+        f"{_kernels_commit()}",
         f"- Timing: `torch.utils.benchmark.Timer.blocked_autorange(min_run_time={min_run_time / COPIES:.3g})`, "
         f"median, µs, `torch.no_grad()`, eager mode (no `torch.compile`); every column is built {COPIES} times "
         "from the same weights and reports its best build (torch's CSR at 90 %, batch 1, takes about 70 or about "
@@ -380,7 +404,7 @@ def write_markdown(rows: list[dict], path: Path, min_run_time: float, load: tupl
                 f"| {r['batch']} | " + " | ".join(_fmt(r[name]) for name in COLUMNS)
                 + f" | {_ratio(r['dense'], r['srigl'])} | {_ratio(r['csr'], r['srigl'])} | {_ratio(r['structured'], r['srigl'])} |"
             )
-        lines.append("")
+        lines += ["", f"srigl's route: {subset[0]['route']}.", ""]
     lines += _targets_section(rows, min_run_time)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
