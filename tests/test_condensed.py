@@ -557,6 +557,17 @@ def test_window_cache_follows_the_weights():
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
         layer.load_state_dict({**layer.state_dict(), "values": torch.zeros_like(layer.values)})
         torch.testing.assert_close(layer(x), linear.bias.expand(1, -1), rtol=0, atol=0)
+        # A new tensor at the address of the packed one, with the same version (here it shares the
+        # storage and version counter; in general the allocator reuses a freed tensor's address for
+        # a new tensor of the same size, whose version starts at 0 again) still repacks: the cache
+        # also knows its tensors by identity.
+        packed = layer._window_cache[1][0]
+        same_address = nn.Parameter(layer.values.detach())
+        assert same_address.data_ptr() == layer.values.data_ptr()
+        assert same_address._version == layer.values._version
+        layer.values = same_address  # the packed Parameter is freed
+        layer(x)
+        assert layer._window_cache[1][0] is not packed
 
 
 def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():

@@ -765,6 +765,9 @@ def test_window_layout_availability_and_batch_bound():
     assert 1.0 < padding < 4.0
     # The batch bound is the first row of the table that the padding fits under.
     assert max_batch == next(b for bound, b in kernels._WINDOW_BATCH_BY_PADDING if padding <= bound)
+    # A layer so sparse that most of each step is padding is not kept (no gain worth its memory).
+    sparse_values, sparse_indices = _random_layer(50, 512, 2, seed=6)  # ~15 steps per 16 nonzeros
+    assert kernels.window_layout(sparse_values, sparse_indices, 512) is None
     assert kernels.window_layout(values.double(), indices, 512) is None  # float32 only
     assert kernels.window_layout(values, indices.long(), 512) is None  # int16/int32 indices only
     assert kernels.window_layout(values[:, :0], indices[:, :0], 512) is None  # nothing to pack
@@ -774,7 +777,7 @@ def test_window_layout_availability_and_batch_bound():
 
 def test_window_layout_respects_disabled_extension(monkeypatch):
     _window_ops_or_skip()
-    values, indices = _random_layer(8, 64, 4)
+    values, indices = _random_layer(32, 64, 32)  # dense enough for the layout to be kept
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     kernels.reset_backend_cache()
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -360,7 +361,8 @@ class CondensedLinear(_CondensedLayer):
         return self.in_features
 
     #: Whether CPU inference may keep a window-layout copy of the weights (see :meth:`_windows`).
-    #: It is ~1.3-1.4x the bytes of ``values`` + ``indices`` at 80-90 % sparsity; set this to False
+    #: It is 1.15x / 1.4x / 1.75x the bytes of ``values`` + int16 ``indices`` at 80 / 90 / 95 %
+    #: sparsity (not kept at all when sparser than ~98 %, where it stops paying); set this to False
     #: (on the class or one layer) to trade that memory for the slower gather route at small batches.
     window_inference: bool = True
 
@@ -418,20 +420,23 @@ class CondensedLinear(_CondensedLayer):
         layer and the operator that runs it, built on first use and cached; None where the layout
         is unavailable or :attr:`window_inference` is off.
 
-        The cache is keyed on the storage and version counter of ``values`` and ``indices``, so any
-        change to the weights (an optimizer step, ``load_state_dict``, ``.data`` swapped for a new
-        tensor) repacks on the next call. Tensors without a version counter (created under
+        The cache is keyed on the identity, storage and version counter of ``values`` and
+        ``indices``, so any change to the weights (an optimizer step, ``load_state_dict``, a new
+        Parameter, ``.data`` swapped for a new tensor) repacks on the next call. Tensors without a version counter (created under
         ``torch.inference_mode``) cannot be tracked and are not packed.
         """
         if not self.window_inference:
             return None
         try:
-            key = (values.data_ptr(), values._version, indices.data_ptr(), indices._version)
+            state = (values.data_ptr(), values._version, indices.data_ptr(), indices._version)
         except RuntimeError:  # inference tensors have no version counter
             return None
         cached = self.__dict__.get("_window_cache")
-        if cached is None or cached[0] != key:
+        # Identity through weak references as well: a freed tensor's address may be reused by a new
+        # one whose version counter also starts at 0.
+        if cached is None or cached[0][0]() is not values or cached[0][1]() is not indices or cached[0][2] != state:
             layout = window_layout(values, indices, self.in_features)
+            key = (weakref.ref(values), weakref.ref(indices), state)
             cached = (key, None if layout is None else (*layout, _cpu.window_ops()[1]))
             self.__dict__["_window_cache"] = cached
         return cached[1]
