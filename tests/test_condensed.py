@@ -570,6 +570,23 @@ def test_window_cache_follows_the_weights():
         assert layer._window_cache[1][0] is not packed
 
 
+def test_window_cache_is_left_out_of_pickles(tmp_path):
+    linear, layer = _window_layer_or_skip(2)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = layer(x)
+    assert layer._window_cache[1] is not None  # holds weak references, which cannot be pickled
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert "_window_cache" not in loaded.__dict__ and "_window_cache" in layer.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    clone = copy.deepcopy(layer)  # a deep copy repacks for its own tensors
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    assert clone._window_cache[0][0]() is clone.values
+
+
 def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
     linear, layer = _window_layer_or_skip(1)
     x = torch.randn(3, 256)

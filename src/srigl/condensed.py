@@ -441,6 +441,13 @@ class CondensedLinear(_CondensedLayer):
             self.__dict__["_window_cache"] = cached
         return cached[1]
 
+    def __getstate__(self):
+        # Pickling (torch.save of the module, multiprocessing) leaves the packed copy out: it holds
+        # weak references, which cannot be pickled, and is rebuilt on the first call anyway.
+        state = dict(super().__getstate__())
+        state.pop("_window_cache", None)
+        return state
+
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() make new tensors: drop the packed copy rather than keep it alive.
         self.__dict__.pop("_window_cache", None)

@@ -534,14 +534,18 @@ _cpp_forward_rows = cpu.forward_rows_op
 #: layout; above the last bound it is not kept at all. Measured operator against operator on
 #: 3072 -> 768 (691 rows, 2 threads, AVX-512 Xeon), gather/tiled time over window time at batch
 #: 1 / 2 / 4 / 8 / 16 / 32 / 64 / 128 / 256 / 2048:
-#:   padding 1.29 (80 % sparse): 2.04 2.47 2.03 1.69 1.72 1.46 1.47 1.50 1.39 1.31 (every batch)
+#:   padding 1.29 (80 % sparse): 2.04 2.47 2.03 1.69 1.72 1.46 1.47 1.50 1.39 1.31
 #:   padding 1.55 (90 %):        1.60 2.10 1.58 1.43 1.41 1.22 1.29 1.22 0.91 0.82
 #:   padding 1.97 (95 %):        1.42 1.59 1.24 1.08 1.07 1.01 1.01 0.92 0.57
 #:   padding 2.43 (~97 %):       1.23 1.48 1.07 0.89 0.88
 #:   padding 3.04 (~98 %):       1.09 1.31 0.96 0.81
 #:   padding 4.01 (99 %):        0.99 1.12 0.93 0.67 (no gain worth a second copy of the layer)
 #: The padding grows with sparsity because fewer of a row's nonzeros share each 32-input window.
-_WINDOW_BATCH_BY_PADDING = ((1.4, 2**62), (1.75, 128), (2.2, 16), (2.7, 4), (3.5, 2))
+#: Batches stop at 64 even for the densest layers: narrow layers favour the tiled route at large
+#: batches (its transposed x tile then sits in L1). The 16 condensed layers of the trained vit-tiny
+#: (128 inputs, padding 1.03-1.64) take 0.22 ms in the window layout against 0.26 ms at 64 rows,
+#: but 0.80 against 0.57 ms at 400 rows.
+_WINDOW_BATCH_BY_PADDING = ((1.75, 64), (2.2, 16), (2.7, 4), (3.5, 2))
 #: The largest batch any window-packed layer runs in the window layout.
 WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
 
@@ -551,7 +555,7 @@ def window_layout(values: torch.Tensor, indices: torch.Tensor, in_features: int)
 
     The window layout (see ``cpu.cpp``) groups output rows by 16 and schedules their nonzeros into
     steps that read one 32-float window of x each; it needs no gather instructions, so at batch 1
-    it is ~1.6x faster than the gather layout at 90 % sparsity (and 1.2-2x faster up to batch 128). It is a second copy of the layer
+    it is ~1.6x faster than the gather layout at 90 % sparsity (and 1.2-2x faster up to batch 64). It is a second copy of the layer
     (~1.3-1.4x the bytes of values + int16 indices at 80-90 % sparsity, more when sparser), built in
     a few milliseconds: meant to be built once and cached by a module that owns the weights (as
     :class:`srigl.condensed.CondensedLinear` does), then run with ``cpu.window_ops()[1]``.
