@@ -746,7 +746,7 @@ def test_window_layout_bad_input():
         (lambda: forward(x, packed.clone().fill_(0), None, None, 5), r"not a buffer from pack_windows"),
         (lambda: forward(x, packed, None, None, 6), r"out_full \(6\) must equal the packed rows \(5\)"),
         (lambda: forward(x, packed, None, torch.tensor([0, 1, 2, 3, 9]), 6), r"rows\[4\] = 9 is outside \[0, 6\)"),
-        (lambda: forward(x, packed, torch.zeros(4), None, 5), r"bias must be a contiguous float32 \(5,\)"),
+        (lambda: forward(x, packed, torch.zeros(4), None, 5), r"bias must be a contiguous \(5,\) tensor of x's dtype"),
         (lambda: forward(x.double(), packed, None, None, 5), r"contiguous float32"),
     ]
     for call, pattern in cases:

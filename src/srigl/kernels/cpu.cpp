@@ -794,6 +794,41 @@ void check_operands(const at::Tensor& x, const at::Tensor& values, const at::Ten
               "srigl_fanin: CPU kernel got a tensor on another device");
 }
 
+// Checks the optional bias of an operator that writes `n` columns of dtype `dtype`; true when given.
+bool check_bias(const std::optional<at::Tensor>& bias, int64_t n, at::ScalarType dtype) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() && bias->scalar_type() == dtype &&
+                    bias->device().is_cpu(),
+                "srigl_fanin: bias must be a contiguous (", n, ",) tensor of x's dtype");
+  }
+  return has_bias;
+}
+
+// The output column of each of `n` computed rows, checked: a contiguous int64 (n,) CPU tensor with
+// every entry in [0, out_full) (a few hundred compares: cheap next to the product).
+const int64_t* checked_rows(const at::Tensor& rows, int64_t n, int64_t out_full) {
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  rows.device().is_cpu(),
+              "srigl_fanin: rows must be a contiguous int64 (", n, ",) tensor");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t o = 0; o < n; ++o) {
+    TORCH_CHECK(rp[o] >= 0 && rp[o] < out_full, "srigl_fanin: rows[", o, "] = ", rp[o], " is outside [0, ", out_full,
+                ")");
+  }
+  return rp;
+}
+
+// One output row (out_full columns) as ablated neurons leave it: their bias, or 0.
+template <typename T>
+inline void fill_ablated(T* y_row, const T* bias, int64_t out_full) {
+  if (bias != nullptr) {
+    std::memcpy(y_row, bias, out_full * sizeof(T));
+  } else {
+    std::memset(y_row, 0, out_full * sizeof(T));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small batches on AVX-512: the window layout, a per-layer repacking built once (pack_windows)
 // and cached by the module that owns the weights.
@@ -1041,26 +1076,10 @@ at::Tensor forward_windows(const at::Tensor& x, const at::Tensor& packed, const 
   TORCH_CHECK(x.size(1) == h.in_features, "srigl_fanin: x has ", x.size(1), " features, the packed layer ",
               h.in_features);
   const bool has_rows = rows.has_value() && rows->defined();
-  const int64_t* rp = nullptr;
-  if (has_rows) {
-    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == h.rows && rows->scalar_type() == at::kLong &&
-                    rows->is_contiguous() && rows->device().is_cpu(),
-                "srigl_fanin: rows must be a contiguous int64 (", h.rows, ",) tensor");
-    rp = rows->data_ptr<int64_t>();
-    for (int64_t o = 0; o < h.rows; ++o) {
-      TORCH_CHECK(rp[o] >= 0 && rp[o] < out_full, "srigl_fanin: rows[", o, "] = ", rp[o], " is outside [0, ",
-                  out_full, ")");
-    }
-  } else {
-    TORCH_CHECK(out_full == h.rows, "srigl_fanin: out_full (", out_full, ") must equal the packed rows (", h.rows,
-                ") without rows");
-  }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_full && bias->is_contiguous() &&
-                    bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
-                "srigl_fanin: bias must be a contiguous float32 (", out_full, ",) tensor");
-  }
+  const int64_t* rp = has_rows ? checked_rows(*rows, h.rows, out_full) : nullptr;
+  TORCH_CHECK(has_rows || out_full == h.rows, "srigl_fanin: out_full (", out_full,
+              ") must equal the packed rows (", h.rows, ") without rows");
+  const bool has_bias = check_bias(bias, out_full, at::kFloat);
   const int64_t batch = x.size(0);
   const int64_t in_features = h.in_features;
   at::Tensor y = at::empty({batch, out_full}, x.options());
@@ -1069,13 +1088,7 @@ at::Tensor forward_windows(const at::Tensor& x, const at::Tensor& packed, const 
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   if (has_rows && out_full > h.rows) {  // columns of ablated neurons: their bias (or 0)
-    for (int64_t b = 0; b < batch; ++b) {
-      if (bp != nullptr) {
-        std::memcpy(yp + b * out_full, bp, out_full * sizeof(float));
-      } else {
-        std::memset(yp + b * out_full, 0, out_full * sizeof(float));
-      }
-    }
+    for (int64_t b = 0; b < batch; ++b) fill_ablated(yp + b * out_full, bp, out_full);
   }
   const bool masked = !all_finite(xp, batch * in_features);
   const uint8_t* base = packed.data_ptr<uint8_t>();
@@ -1125,12 +1138,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const int64_t in_features = x.size(1);
   const int64_t out_features = values.size(0);
   const int64_t k = values.size(1);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type(),
-                "srigl_fanin: bias must be a contiguous (", out_features, ",) tensor of x's dtype");
-  }
+  const bool has_bias = check_bias(bias, out_features, x.scalar_type());
   at::Tensor y = at::empty({batch, out_features}, x.options());
   if (batch == 0 || out_features == 0) return y;
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
@@ -1159,20 +1167,8 @@ at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& values, const at:
   const int64_t in_features = x.size(1);
   const int64_t n_active = values.size(0);
   const int64_t k = values.size(1);
-  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n_active && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
-                  rows.device().is_cpu(),
-              "srigl_fanin: rows must be a contiguous int64 (", n_active, ",) tensor");
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t o = 0; o < n_active; ++o) {  // a few hundred compares: cheap next to the product
-    TORCH_CHECK(rp[o] >= 0 && rp[o] < out_full, "srigl_fanin: rows[", o, "] = ", rp[o], " is outside [0, ", out_full,
-                ")");
-  }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_full && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type(),
-                "srigl_fanin: bias must be a contiguous (", out_full, ",) tensor of x's dtype");
-  }
+  const int64_t* rp = checked_rows(rows, n_active, out_full);
+  const bool has_bias = check_bias(bias, out_full, x.scalar_type());
   at::Tensor y = at::empty({batch, out_full}, x.options());
   if (batch == 0 || out_full == 0) return y;
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
@@ -1181,13 +1177,7 @@ at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& values, const at:
     const T* b = has_bias ? bias->data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
     // Every column first gets what an ablated neuron outputs; the active ones are overwritten.
-    auto fill = [=](int64_t r) {
-      if (b != nullptr) {
-        std::memcpy(yp + r * out_full, b, out_full * sizeof(T));
-      } else {
-        std::memset(yp + r * out_full, 0, out_full * sizeof(T));
-      }
-    };
+    auto fill = [=](int64_t r) { fill_ablated(yp + r * out_full, b, out_full); };
     if (n_active == 0 || batch <= gather_max_batch) {
       for (int64_t r = 0; r < batch; ++r) fill(r);
     }
