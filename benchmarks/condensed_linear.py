@@ -138,8 +138,7 @@ def _route(layer: CondensedLinear) -> str:
     windows = layer._windows(layer.values.detach(), layer.indices)
     if windows is None:
         return "gather (batch ≤ 2) / tiled operators (no window layout here)"
-    steps = int(windows[0][32:40].view(torch.int64))
-    padding = 16 * steps / layer.values.numel()
+    padding = 16 * kernels.window_steps(windows[0]) / layer.values.numel()
     return (f"window layout up to batch {windows[1]} (padding {padding:.2f}: 16 × steps / nonzeros; "
             f"{windows[0].numel() / 1e6:.2f} MB against {layer.values.numel() * (4 + layer.indices.element_size()) / 1e6:.2f} MB "
             "of values + indices), tiled operator beyond")

@@ -761,6 +761,7 @@ def test_window_layout_availability_and_batch_bound():
     assert layout is not None
     packed, max_batch = layout
     steps = _window_header(packed)["steps"]
+    assert kernels.window_steps(packed) == steps
     padding = 16 * steps / values.numel()
     assert 1.0 < padding < 4.0
     # The batch bound is the first row of the table that the padding fits under.

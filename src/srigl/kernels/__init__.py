@@ -65,6 +65,7 @@ __all__ = [
     "cpu_inference_ops",
     "validate_indices_once",
     "window_layout",
+    "window_steps",
     "WINDOW_MAX_BATCH",
 ]
 
@@ -550,6 +551,12 @@ _WINDOW_BATCH_BY_PADDING = ((1.75, 64), (2.2, 16), (2.7, 4), (3.5, 2))
 WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
 
 
+def window_steps(packed: torch.Tensor) -> int:
+    """The number of steps in a window-layout buffer (``WindowHeader.steps`` in ``cpu.cpp``); each
+    step holds 16 lanes, so ``16 * steps / nonzeros`` is the layout's padding."""
+    return int(packed[32:40].view(torch.int64))
+
+
 def window_layout(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int] | None:
     """The layer repacked for the C++ kernel's window layout, and the largest batch it serves.
 
@@ -582,8 +589,7 @@ def window_layout(values: torch.Tensor, indices: torch.Tensor, in_features: int)
     if nnz == 0:
         return None
     packed = ops[0](values.contiguous(), indices.contiguous(), in_features)
-    steps = int(packed[32:40].view(torch.int64))  # WindowHeader.steps
-    padding = 16 * steps / nnz
+    padding = 16 * window_steps(packed) / nnz
     max_batch = next((batch for bound, batch in _WINDOW_BATCH_BY_PADDING if padding <= bound), 0)
     return (packed, max_batch) if max_batch > 0 else None
 
