@@ -422,8 +422,8 @@ class CondensedLinear(_CondensedLayer):
 
         The cache is keyed on the identity, storage and version counter of ``values`` and
         ``indices``, so any change to the weights (an optimizer step, ``load_state_dict``, a new
-        Parameter, ``.data`` swapped for a new tensor) repacks on the next call. Tensors without a version counter (created under
-        ``torch.inference_mode``) cannot be tracked and are not packed.
+        Parameter, ``.data`` swapped for a new tensor) repacks on the next call. Tensors without a
+        version counter (created under ``torch.inference_mode``) cannot be tracked and are not packed.
         """
         if not self.window_inference:
             return None

@@ -562,10 +562,11 @@ def window_layout(values: torch.Tensor, indices: torch.Tensor, in_features: int)
 
     The window layout (see ``cpu.cpp``) groups output rows by 16 and schedules their nonzeros into
     steps that read one 32-float window of x each; it needs no gather instructions, so at batch 1
-    it is ~1.6x faster than the gather layout at 90 % sparsity (and 1.2-2x faster up to batch 64). It is a second copy of the layer
-    (~1.3-1.4x the bytes of values + int16 indices at 80-90 % sparsity, more when sparser), built in
-    a few milliseconds: meant to be built once and cached by a module that owns the weights (as
-    :class:`srigl.condensed.CondensedLinear` does), then run with ``cpu.window_ops()[1]``.
+    it is ~1.6x faster than the gather layout at 90 % sparsity (and 1.2-2x faster up to batch 64).
+    It is a second copy of the layer (1.15x / 1.4x / 1.75x the bytes of values + int16 indices at
+    80 / 90 / 95 % sparsity), built in a few milliseconds: meant to be built once and cached by a
+    module that owns the weights (as :class:`srigl.condensed.CondensedLinear` does), then run with
+    ``cpu.window_ops()[1]``.
 
     Args:
         values: (rows, k) float32 CPU tensor.
@@ -576,7 +577,8 @@ def window_layout(values: torch.Tensor, indices: torch.Tensor, in_features: int)
         ``(packed, max_batch)``: the uint8 buffer and the largest batch for which it beats the
         other routes (from its padding, :data:`_WINDOW_BATCH_BY_PADDING`); or None when the layout
         is unavailable here (the C++ backend is off or failed to build, or was not built for
-        AVX-512; another dtype or device; int64 indices; ``in_features < 32``) or the layer is empty.
+        AVX-512; another dtype or device; int64 indices; ``in_features < 32``), the layer is empty,
+        or it is so sparse that the layout pads too much to win (padding above the last bound).
 
     Raises:
         RuntimeError: an index outside ``[0, in_features)`` (the packing checks every index).
