@@ -285,3 +285,72 @@ def test_explicit_sparsity_map_with_unknown_name_is_refused():
         srigl.RigL(model, opt, sparsity={"0.weight": 0.5, "2.weight": 0.5, "typo": 0.9}, total_steps=100)
     sp = srigl.RigL(model, opt, sparsity={"0.weight": 0.5, "2.weight": 0.0}, total_steps=100)
     assert sp.summary()["2.weight"]["reason"] == "explicit sparsity 0"
+
+
+def _train_steps(model, opt, sp, steps: int, probe_at: set[int] = frozenset(), seed: int = 0):
+    """Train on fixed random data; before the steps in ``probe_at``, run a gradient-norm probe
+    (an extra backward on other data) and ``zero_grad()`` first, as a user measuring it would."""
+    gen = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(steps)]
+    probe_x = torch.randn(16, 20, generator=gen) * 3
+    for step, (x, y) in enumerate(data, start=1):
+        if step in probe_at:
+            nn.functional.cross_entropy(model(probe_x), torch.zeros(16, dtype=torch.long)).backward()
+            opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_gradient_probe_before_an_update_does_not_change_the_masks(compact, set_to_none):
+    masks = []
+    for probe_at in (set(), {5, 10}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        kw = {"compact": True} if compact else {}
+        sp = srigl.SRigL(model, opt, sparsity=0.8, total_steps=40, delta=5, **kw)
+        if not set_to_none:
+            opt.zero_grad = lambda set_to_none=False, _z=opt.zero_grad: _z(set_to_none=False)
+        _train_steps(model, opt, sp, 12, probe_at)
+        assert sp.step_count == 12 and sp.last_update["step"] == 10
+        masks.append(sp.masks())
+    assert masks[0].keys() == masks[1].keys()
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
+
+
+def test_gradients_of_dropped_weights_are_masked_at_the_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = srigl.RigL(model, opt, sparsity=0.8, total_steps=40, delta=3)
+    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+    for step in range(1, 4):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        stats = sp.step()
+    assert stats is not None and sum(s["grown"] for s in stats["layers"].values()) > 0
+    for layer in sp.layers:
+        # Before zero_grad: the gradient a later optimizer step would apply is masked already.
+        assert bool((layer.param.grad[~layer.mask] == 0).all()), layer.name
+
+
+def test_summary_prints_as_a_table_and_stays_a_dict():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    sp = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8, total_steps=40)
+    summary = sp.summary()
+    assert isinstance(summary, dict) and summary["0.weight"]["sparse"] and "fan_in" in summary["0.weight"]
+    lines = str(summary).splitlines()
+    assert lines[0].split() == ["tensor", "shape", "sparsity", "fan-in", "neurons", "note"]
+    row = next(line for line in lines if line.startswith("0.weight"))
+    k = summary["0.weight"]["fan_in"]
+    assert f"{k}/20" in row and "32/32" in row and "ConstantFanIn(), ablation" in row
+    assert f"{100 * summary['0.weight']['sparsity']:.1f} %" in row
+    bias_row = next(line for line in lines if line.startswith("0.bias"))
+    assert "dense" in bias_row and "bias or norm" in bias_row
+    assert len(lines) == 2 + len(summary)

@@ -149,7 +149,7 @@ def test_include_is_checked_before_exclude():
     "policy, dense_name, reason",
     [
         (SparsityPolicy(dense_first=True), "conv.weight", "first layer kept dense (dense_first=True)"),
-        (SparsityPolicy(dense_last=True), "head.weight", "last layer kept dense (dense_last=True)"),
+        (SparsityPolicy(dense_last=True), "head.weight", "output layer kept dense (dense_last=True)"),
     ],
 )
 def test_dense_first_and_dense_last(policy, dense_name, reason):
@@ -210,3 +210,62 @@ def test_sparsifier_summary_reports_the_decisions():
         "head.weight",
     }
     assert summary["attn.in_proj_weight"]["nnz"] == 96  # uniform 0.5 of 24 x 8
+
+
+class _HeadFirst(nn.Module):
+    """Defines its classifier before the body: registration order says "body" is last."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 10)
+        self.body = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+class _Untraceable(_HeadFirst):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_output_layer_is_the_last_one_called_not_the_last_registered():
+    decisions = select(_HeadFirst(), SparsityPolicy())
+    assert [c.name for c in decisions if c.is_output] == ["head.weight"]
+    model = _HeadFirst()
+    sp = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity={"head.weight": 0.5, "body.weight": 0.5}, total_steps=10)
+    assert {layer.name: layer.ablate for layer in sp.layers} == {"head.weight": False, "body.weight": True}
+    dense_last = select(_HeadFirst(), SparsityPolicy(dense_last=True))
+    assert [c.name for c in dense_last if not c.sparse and c.name.endswith("weight")] == ["head.weight"]
+
+
+def test_an_explicit_output_layer_wins_and_an_unknown_one_is_refused():
+    model = _HeadFirst()
+    sp = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity={"head.weight": 0.5, "body.weight": 0.5}, total_steps=10,
+                     output_layer="body.weight")
+    assert {layer.name: layer.ablate for layer in sp.layers} == {"head.weight": True, "body.weight": False}
+    with pytest.raises(srigl.InvalidConfigError, match=r"output_layer='classifier\.weight' is not a parameter of "
+                                                       r"_HeadFirst \(4 parameters"):
+        srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10,
+                    output_layer="classifier.weight")
+
+
+def test_an_untraceable_model_falls_back_to_registration_order_or_the_explicit_name():
+    assert [c.name for c in select(_Untraceable(), SparsityPolicy()) if c.is_output] == ["body.weight"]
+    assert [c.name for c in select(_Untraceable(), SparsityPolicy(), output="head.weight") if c.is_output] == [
+        "head.weight"]
+
+
+def test_a_layer_called_twice_counts_at_its_last_call():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(8, 8)
+            self.mid = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.shared(self.mid(self.shared(x)))
+
+    assert [c.name for c in select(Shared(), SparsityPolicy()) if c.is_output] == ["shared.weight"]

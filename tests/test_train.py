@@ -281,7 +281,8 @@ def test_rescale_to_sparse_fan_in_golden():
     with torch.no_grad():
         model[0].weight.fill_(1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10)
+    sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10,
+                     sparse_init=False)
     rescale_to_sparse_fan_in(sp)
     # k = 4 of 16 per neuron: active weights become sqrt(16 / 4) = 2, inactive stay 0.
     weight, mask = model[0].weight, model[0].weight_mask

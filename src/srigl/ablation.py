@@ -10,6 +10,7 @@ the layer budget is spread over the surviving neurons (a larger fan-in ``k'``).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -31,21 +32,30 @@ def salient_weights(mask: torch.Tensor, weight_score: torch.Tensor, grad_score: 
     return by_magnitude | by_gradient
 
 
+def min_salient(gamma_sal: float, k: int) -> int:
+    """Fewest salient weights a neuron of fan-in ``k`` needs to survive: ``ceil(gamma_sal * k)``.
+
+    Computed in integers from the decimal the user wrote: in floating point ``0.55 * 100`` is
+    ``55.000000000000007``, which would ablate a neuron holding exactly 55 salient weights.
+    """
+    # repr() is the shortest decimal that round-trips (0.55 -> '0.55'), so Fraction is exact.
+    return math.ceil(Fraction(repr(float(gamma_sal))) * k)
+
+
 def surviving_neurons(salient: torch.Tensor, k: int, gamma_sal: float, min_neurons: int) -> torch.Tensor:
     """Neurons that stay active, shape ``(out,)`` bool.
 
-    A neuron survives when it has at least ``gamma_sal * k`` salient weights. At least
-    ``min_neurons`` survive (the most salient ones), so that the layer budget still fits:
-    ``k' = budget // survivors`` must not exceed the dense fan-in.
+    A neuron survives when it has at least :func:`min_salient` ``(gamma_sal, k)`` salient weights.
+    When fewer than ``min_neurons`` would survive (the layer budget needs them:
+    ``k' = budget // survivors`` must not exceed the dense fan-in), the threshold drops to the
+    salient count of the ``min_neurons``-th most salient neuron, and every neuron reaching it
+    survives: ties all survive, so the choice never depends on a neuron's index.
     """
     counts = salient.sum(dim=1)  # (out,)
-    alive = counts >= gamma_sal * k
-    if int(alive.sum()) < min_neurons:
-        alive = torch.zeros_like(alive)
-        # Stable ordering on ties: most salient first, then lowest index.
-        order = torch.argsort(-counts, stable=True)
-        alive[order[:min_neurons]] = True
-    return alive
+    need = min_salient(gamma_sal, k)
+    if int((counts >= need).sum()) < min_neurons:
+        need = int(torch.topk(counts, min_neurons).values[-1])  # the min_neurons-th largest count
+    return counts >= need
 
 
 def min_neurons_for(budget: int, fan_in: int) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from srigl import ablation
+from srigl import ablation, initial
 from srigl.distributions import layer_sparsities
 from srigl.errors import (
     FanInTooSmallError,
@@ -39,6 +39,7 @@ from srigl.errors import (
 from srigl.schedules import CosineDrop
 from srigl.selection import Candidate, SparsityPolicy, select
 from srigl.structures import NM, ConstantFanIn, Structure, Unstructured, check_shape, topk_mask
+from srigl.summary import Summary
 
 ALGORITHMS: dict[str, type["Sparsifier"]] = {}
 
@@ -96,6 +97,12 @@ def _describe(structure: Structure) -> str:
     return repr(structure)
 
 
+def _grad_was_reset(param: nn.Parameter) -> bool:
+    """Whether ``param.grad`` was cleared since the last backward: None (``zero_grad()``), or all
+    zeros (``zero_grad(set_to_none=False)``). Checked only on the step before a mask update."""
+    return param.grad is None or not bool(param.grad.any())
+
+
 class Sparsifier:
     """Base class: masks, hooks, schedule, state dict, summary; ``Static`` behaviour.
 
@@ -112,9 +119,21 @@ class Sparsifier:
         policy: which tensors become sparse; :class:`SparsityPolicy` defaults if None.
         no_ablation: fnmatch patterns of parameter FQNs whose neurons are never ablated (the output
             layer never is).
-        seed: seed of the sparsifier's own generator (initial masks, SET regrowth). Every rank of a
-            distributed run must use the same seed.
+        seed: seed of the sparsifier's own generator (initial masks, SET regrowth), hashed so that
+            it never replays the stream ``torch.manual_seed(seed)`` gave the weights. Every rank of
+            a distributed run must use the same seed.
         erk_power: exponent of the ERK ratio.
+        mask_init: the first masks: ``"random"`` (a fresh model), ``"magnitude"`` (the largest
+            ``|w|`` per unit: a pretrained model) or ``"nonzero"`` (adopt the weights' zeros: an
+            already-sparse model; refused when they break the structure or budget). See
+            :mod:`srigl.initial`.
+        sparse_init: with ``mask_init="random"``, rescale each sparse neuron's freshly initialised
+            weights by ``sqrt(dense fan-in / sparse fan-in)`` (the SRigL reference's sparse Kaiming
+            init); without it, high sparsities may not train. Never applied to ``"magnitude"`` or
+            ``"nonzero"`` masks, whose weights are trained ones.
+        output_layer: FQN of the output layer's weight (never ablated; ``dense_last`` keeps it
+            dense). Default: the last selected layer *called* in the forward (traced with
+            ``torch.fx``), or the last one registered when the model cannot be traced.
     """
 
     name = "static"
@@ -137,6 +156,9 @@ class Sparsifier:
         no_ablation: tuple[str, ...] = (),
         seed: int = 0,
         erk_power: float = 1.0,
+        mask_init: str = "random",
+        sparse_init: bool = True,
+        output_layer: str | None = None,
     ):
         self.model = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
         self.optimizer = optimizer
@@ -149,9 +171,11 @@ class Sparsifier:
         self.no_ablation = tuple(no_ablation)
         self.seed = seed
         self.erk_power = erk_power
-        self.generator = torch.Generator().manual_seed(seed)
+        self.mask_init = initial.check_mask_init(mask_init)
+        self.sparse_init = bool(sparse_init)
+        self.generator = torch.Generator().manual_seed(initial.mask_stream_seed(seed))
 
-        self.decisions: list[Candidate] = select(self.model, self.policy)
+        self.decisions: list[Candidate] = select(self.model, self.policy, output=output_layer)
         chosen = [c for c in self.decisions if c.sparse]
         if not chosen:
             raise NoSparsifiableLayerError(
@@ -246,31 +270,45 @@ class Sparsifier:
                     f"{c.name} {c.shape}: fan-in {fan_in} is too small for density {density:.4g} "
                     f"({density * fan_in:.3g} weights per neuron); lower the sparsity or keep it dense"
                 )
-            # Random initial mask with the right structure: top-n of uniform noise per unit.
-            noise = torch.rand(n_rows, fan_in, generator=self.generator).to(param.device)
-            planned.append((c, module, param, topk_mask(noise, n, self.structure).view_as(param)))
+            planned.append((c, module, param, self._initial_mask(param, n, c.name), self.structure.units(n_rows, fan_in) * n))
         layers = []
-        for c, module, param, mask in planned:
+        for c, module, param, mask, budget in planned:
             module.register_buffer(c.param_name + "_mask", mask, persistent=False)
             with torch.no_grad():
                 param.masked_fill_(~mask, 0.0)
+                if self.mask_init == "random" and self.sparse_init:
+                    initial.rescale_to_sparse_fan_in(param, mask)
             ablate = (
                 isinstance(self.structure, ConstantFanIn)
                 and not c.is_output
                 and not any(fnmatch.fnmatchcase(c.name, p) for p in self.no_ablation)
             )
-            layers.append(SparseTensor(c.name, module, c.param_name, sparsities[c.name], int(mask.sum()), ablate))
+            layers.append(SparseTensor(c.name, module, c.param_name, sparsities[c.name], budget, ablate))
         for layer in layers:
             self._reset_state(layer, layer.mask)
         return layers
+
+    def _initial_mask(self, param: nn.Parameter, n: int, name: str) -> torch.Tensor:
+        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit, by :attr:`mask_init`."""
+        n_rows = param.shape[0]
+        weight = param.detach().reshape(n_rows, -1)  # (out, fan_in)
+        if self.mask_init == "magnitude":
+            mask = initial.magnitude_mask(weight, n, self.structure)
+        elif self.mask_init == "nonzero":
+            mask = initial.nonzero_mask(weight, self.structure, n, name)
+        else:
+            mask = initial.random_mask(n_rows, weight.shape[1], n, self.structure, self.generator)
+        return mask.to(param.device).view_as(param)
 
     # ------------------------------------------------------------------ hooks
     def _grad_hook(self, layer: SparseTensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self._collecting:
                 # The dense gradient (of masked weights too) scores regrowth; keep it only for the
-                # step that updates masks. Gradient accumulation sums over backward calls.
-                held = self._dense_grads.get(layer.name)
+                # step that updates masks. Gradient accumulation sums over backward calls, but only
+                # as long as .grad does: a zero_grad() since the last backward (after a gradient
+                # probe, say) starts the sum afresh, so regrowth follows what .grad saw.
+                held = None if _grad_was_reset(layer.param) else self._dense_grads.get(layer.name)
                 self._dense_grads[layer.name] = grad.detach().clone() if held is None else held.add_(grad)
             # masked_fill, not a product: NaN * 0 is NaN, and a pruned weight must stay exactly 0.
             return grad.masked_fill(~layer.mask, 0.0)
@@ -414,7 +452,10 @@ class Sparsifier:
         mask = layer.mask.reshape(rows, fan_in)  # (out, fan_in)
         grad = None if dense_grad is None else dense_grad.reshape(rows, fan_in)
         n_active = int(mask.sum())
-        n_drop = int(drop_fraction * n_active)  # K
+        # K, raised to drop every active weight that is exactly 0 (it carries nothing to keep;
+        # its slot is regrown by gradient like the others). See docs/algorithm.md, choice (f).
+        n_zero = int((mask & (weight == 0)).sum())
+        n_drop = max(int(drop_fraction * n_active), n_zero) if drop_fraction > 0 else 0
         drop = self.drop_scores(weight)
         grow = self.grow_scores(weight, grad)
 
@@ -455,6 +496,10 @@ class Sparsifier:
         """Install ``new``: zero dropped weights, start regrown ones at 0, reset their optimizer state."""
         layer.mask.copy_(new)
         layer.param.masked_fill_(~(new & old), 0.0)  # dropped -> 0; regrown (not in old) start at exactly 0
+        if layer.param.grad is not None:
+            # The gradient of a just-dropped weight would otherwise live on until zero_grad (and
+            # move the weight in an optimizer step taken before it).
+            layer.param.grad.masked_fill_(~new, 0.0)
         self._reset_state(layer, new & old)
 
     def _reset_state(self, layer: SparseTensor, keep: torch.Tensor) -> None:
@@ -473,10 +518,13 @@ class Sparsifier:
         """Sparsifier steps taken so far."""
         return self._step
 
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per-parameter report: shape, sparse or dense and why, sparsity, fan-in, active neurons."""
+    def summary(self) -> Summary:
+        """Per-parameter report: shape, sparse or dense and why, sparsity, fan-in, active neurons.
+
+        A dict ``{FQN: entry}`` that prints as a table (``print(sparsifier.summary())``).
+        """
         by_name = {layer.name: layer for layer in self.layers}
-        report: dict[str, dict[str, Any]] = {}
+        report = Summary()
         for c in self.decisions:
             numel = math.prod(c.shape)
             entry: dict[str, Any] = {"shape": c.shape, "sparse": c.sparse, "reason": c.reason, "numel": numel}
@@ -522,6 +570,8 @@ class Sparsifier:
             "total_steps": self.total_steps,
             "seed": self.seed,
             "erk_power": self.erk_power,
+            "mask_init": self.mask_init,
+            "sparse_init": self.sparse_init,
         }
 
     def state_dict(self) -> dict[str, Any]:

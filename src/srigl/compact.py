@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srigl.algorithms import STATE_DICT_VERSION, SparseTensor, SRigL
+from srigl.algorithms import STATE_DICT_VERSION, SparseTensor, SRigL, _grad_was_reset
 from srigl.condensed import (
     CondensedConv2d,
     CondensedLinear,
@@ -471,6 +471,12 @@ class CompactSRigL(SRigL):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not self._collecting or not output.requires_grad:
                 return
+            if _grad_was_reset(module.values):
+                # zero_grad() since the last backward (a gradient probe, say): what earlier
+                # backward passes left is no longer in .grad, so it must not score regrowth either.
+                # Entries of this forward still wait for their gradient and stay.
+                self._captured[layer.name] = [e for e in self._captured.get(layer.name, []) if e[1] is None and e[0] is not None]
+                self._folded.pop(layer.name, None)
             # Only on the step of an update: keep the layer input now (autograd saves it for the
             # backward anyway) and its output gradient in backward, for the update to form the
             # dense gradient g^T x one layer at a time.

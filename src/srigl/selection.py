@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from srigl.errors import InvalidConfigError
+
 # Module types whose 2-D+ weights are sparsified by default. Linear subclasses (e.g. the
 # out_proj of nn.MultiheadAttention) are matched through isinstance.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
@@ -21,7 +23,7 @@ class SparsityPolicy:
         include: if non-empty, only parameter FQNs matching one of these fnmatch patterns.
         exclude: parameter FQNs matching any of these fnmatch patterns stay dense.
         dense_first: keep the first eligible layer (in module order) dense.
-        dense_last: keep the last eligible layer (the classifier) dense.
+        dense_last: keep the output layer (the classifier; see :func:`output_weight`) dense.
         min_ndim: tensors with fewer dimensions (biases, norms) stay dense.
     """
 
@@ -51,12 +53,69 @@ def _weight_params(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p is not None and "bias" not in n]
 
 
-def select(model: nn.Module, policy: SparsityPolicy) -> list[Candidate]:
+def called_order(model: nn.Module) -> list[str] | None:
+    """Names of ``model``'s submodules in the order its forward calls them (``torch.fx`` trace).
+
+    None when the model cannot be traced symbolically (data-dependent control flow, for instance).
+    """
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 -- any tracing failure just means "order unknown"
+        return None
+    return [node.target for node in graph.nodes if node.op == "call_module"]
+
+
+def output_weight(model: nn.Module, eligible: list[str], modules: dict[str, str]) -> str | None:
+    """The output layer's weight among ``eligible`` FQNs: the last one whose module the forward calls.
+
+    Args:
+        model: the model (traced with ``torch.fx`` to find the call order).
+        eligible: FQNs of the weights that may be sparse, in registration order.
+        modules: ``{weight FQN: owning module name}``.
+
+    Falls back to the last registered weight when the model cannot be traced, or when the trace
+    calls none of them (e.g. the layers are inside a leaf module).
+    """
+    if not eligible:
+        return None
+    order = called_order(model)
+    if order:
+        rank = {name: i for i, name in enumerate(order)}  # a module called twice: its last call
+
+        def call_of(weight: str) -> int | None:
+            # The trace stops at leaf modules (nn.MultiheadAttention holds out_proj): a weight is
+            # called when its module or the nearest traced ancestor is.
+            name = modules[weight]
+            while name not in rank:
+                if not name:
+                    return None
+                name = name.rpartition(".")[0]
+            return rank[name]
+
+        calls = {w: call_of(w) for w in eligible}
+        called = [w for w in eligible if calls[w] is not None]
+        if called:
+            # Within one call, registration order decides (a leaf's weights in the order it holds them).
+            return max(called, key=lambda w: (calls[w], eligible.index(w)))
+    return eligible[-1]
+
+
+def select(model: nn.Module, policy: SparsityPolicy, output: str | None = None) -> list[Candidate]:
     """Decide, for every parameter of ``model``, whether it is sparsified and why.
+
+    Args:
+        model: the model.
+        policy: which tensors may be sparse.
+        output: FQN of the output layer's weight; None finds it with :func:`output_weight`.
 
     Returns:
         One :class:`Candidate` per parameter (in module order); ``sparse`` says whether it is selected.
-        The last weight of an eligible type is flagged ``is_output`` (the classifier, never ablated).
+        The output layer's weight is flagged ``is_output`` (the classifier, never ablated).
+
+    Raises:
+        InvalidConfigError: ``output`` names no parameter of ``model``.
     """
     eligible: list[tuple[str, str, nn.Module]] = []  # (module_name, param_name, module)
     for module_name, module in model.named_modules():
@@ -66,7 +125,17 @@ def select(model: nn.Module, policy: SparsityPolicy) -> list[Candidate]:
                     eligible.append((module_name, param_name, module))
     eligible_names = [f"{m}.{p}" if m else p for m, p, _ in eligible]
     first = eligible_names[0] if eligible_names else None
-    last = eligible_names[-1] if eligible_names else None
+    if output is None:
+        last = output_weight(model, eligible_names, {n: m for n, (m, _, _) in zip(eligible_names, eligible)})
+    else:
+        params = dict(model.named_parameters())
+        if output not in params:
+            near = [n for n in params if n.endswith(output.rpartition(".")[2])][:5]
+            raise InvalidConfigError(
+                f"output_layer={output!r} is not a parameter of {type(model).__name__} "
+                f"({len(params)} parameters; e.g. {near or list(params)[:5]})"
+            )
+        last = output
 
     decisions: list[Candidate] = []
     for name, param in model.named_parameters():
@@ -91,6 +160,6 @@ def select(model: nn.Module, policy: SparsityPolicy) -> list[Candidate]:
         elif policy.dense_first and name == first:
             reason, sparse = "first layer kept dense (dense_first=True)", False
         elif policy.dense_last and name == last:
-            reason, sparse = "last layer kept dense (dense_last=True)", False
+            reason, sparse = "output layer kept dense (dense_last=True)", False
         decisions.append(Candidate(name, module_name, param_name, shape, sparse, reason, is_output=name == last))
     return decisions

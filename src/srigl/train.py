@@ -428,6 +428,7 @@ def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.opt
         alpha=config.alpha,
         t_end=int(config.t_end_fraction * total_steps),
         seed=config.seed,
+        sparse_init=config.sparse_init,
     )
     if has_ablation(config.method):
         kwargs["gamma_sal"] = config.gamma_sal
@@ -767,9 +768,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     # The sparsifier comes before DDP: the compact engine swaps modules and parameters, and DDP must
     # capture the final ones. Every rank draws the same masks (same seed), so replicas stay equal.
-    sparsifier = build_sparsifier(cfg, base, optimizer, total_steps)
-    if sparsifier is not None and cfg.sparse_init:
-        rescale_to_sparse_fan_in(sparsifier)
+    sparsifier = build_sparsifier(cfg, base, optimizer, total_steps)  # rescales to sparse fan-in (sparse_init)
     model = base
     if proc.world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,137 @@
+"""Where a sparse tensor starts: its initial mask (random, by magnitude, or adopted), and the
+rescale of freshly initialised weights to their sparse fan-in.
+
+Three ways to draw the first mask, chosen by ``mask_init``:
+
+* ``"random"``    -- top-n of uniform noise per unit of the structure (a fresh model). The noise
+  comes from the sparsifier's own generator, seeded by :func:`mask_stream_seed`, never from the
+  stream that initialised the weights.
+* ``"magnitude"`` -- the largest ``|w|`` per unit, under the same budget (a pretrained model).
+* ``"nonzero"``   -- the weights' own non-zeros (an already-sparse model), refused with the numbers
+  when they break the structure or the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from srigl.errors import InvalidConfigError, NotConstantFanInError
+from srigl.structures import NM, ConstantFanIn, Structure, Unstructured, topk_mask
+
+MASK_INITS = ("random", "magnitude", "nonzero")
+
+# An odd 64-bit constant (the golden ratio's fraction) that separates the mask stream from the
+# weight stream: torch.manual_seed(s) seeds the weights' mt19937 with s itself.
+_STREAM = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def mask_stream_seed(seed: int) -> int:
+    """Seed of the sparsifier's generator for a user ``seed``: a SplitMix64 hash of it.
+
+    ``srigl train`` (and most scripts) seed the model with ``torch.manual_seed(seed)`` and the
+    sparsifier with the same ``seed``. Seeding the mask generator with ``seed`` itself would replay
+    the very uniform draws that made the first layer's weights, so the "random" mask would keep
+    exactly its largest weights. The hash gives an unrelated mt19937 stream for every seed, equal or
+    not to the model's; it is a pure function, so runs stay reproducible.
+    """
+    z = (int(seed) + _STREAM) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)  # torch seeds are < 2**63 on every platform
+
+
+def check_mask_init(mask_init: str) -> str:
+    """Return ``mask_init`` if it names one of :data:`MASK_INITS`, else raise with the choices."""
+    if mask_init not in MASK_INITS:
+        raise InvalidConfigError(f"mask_init must be one of {list(MASK_INITS)}, got {mask_init!r}")
+    return mask_init
+
+
+def random_mask(n_rows: int, fan_in: int, n: int, structure: Structure, generator: torch.Generator) -> torch.Tensor:
+    """``(n_rows, fan_in)`` bool mask: top-``n`` of uniform noise per unit of ``structure``."""
+    noise = torch.rand(n_rows, fan_in, generator=generator)  # (out, fan_in)
+    return topk_mask(noise, n, structure)
+
+
+def magnitude_mask(weight: torch.Tensor, n: int, structure: Structure) -> torch.Tensor:
+    """``(n_rows, fan_in)`` bool mask of the ``n`` largest ``|weight|`` per unit of ``structure``."""
+    return topk_mask(weight.detach().abs().float(), n, structure)
+
+
+def nonzero_mask(weight: torch.Tensor, structure: Structure, n: int, name: str) -> torch.Tensor:
+    """The non-zeros of an ``(n_rows, fan_in)`` weight as its mask, if they fit ``structure`` and the budget.
+
+    ``n`` is what the structure keeps per unit at the target density (as for a random mask). A
+    constant fan-in tensor may have ablated (all-zero) neurons: each of its ``r`` surviving neurons
+    gets the fan-in the update itself would give it, ``k = min(n_rows * n // r, fan_in)``.
+
+    A trained sparse model often holds a few active weights that are exactly 0 (regrown at 0 behind
+    a dead input). They read as pruned, so a unit may hold fewer non-zeros than its quota: it is
+    topped up with zero weights at its lowest free indices. The layer computes the same function,
+    and the next update drops those zeros first (see ``docs/algorithm.md``, choice (f)).
+
+    Raises:
+        NotConstantFanInError: some unit holds more non-zeros than the structure allows it.
+        InvalidConfigError: more non-zeros than the budget, or no non-zero at all.
+    """
+    nonzero = weight.detach() != 0  # (out, fan_in)
+    n_rows, fan_in = nonzero.shape
+    nnz = int(nonzero.sum())
+    if isinstance(structure, ConstantFanIn):
+        counts = nonzero.sum(dim=1)  # (out,)
+        alive = counts > 0
+        survivors = int(alive.sum())
+        if survivors == 0:
+            raise InvalidConfigError(f"{name}: mask_init='nonzero' found no non-zero weight in {tuple(weight.shape)}")
+        n_keep = min(n_rows * n // survivors, fan_in)
+        if int(counts.max()) > n_keep:
+            raise NotConstantFanInError(
+                f"{name}: mask_init='nonzero' found neurons with up to {int(counts.max())} non-zeros "
+                f"({nnz} in all, {survivors} non-zero neurons), but the target sparsity gives this layer "
+                f"{n_rows * n} weights: fan-in {n_keep} over {survivors} neurons"
+            )
+    elif isinstance(structure, NM):
+        groups = nonzero.reshape(-1, structure.m).sum(dim=1)  # (out * fan_in / m,)
+        n_keep, alive = structure.n, None
+        if int(groups.max()) > structure.n:
+            raise NotConstantFanInError(
+                f"{name}: mask_init='nonzero' found {int((groups > structure.n).sum())} of {groups.numel()} groups "
+                f"of {structure.m} with more than {structure.n} non-zeros (up to {int(groups.max())})"
+            )
+    elif isinstance(structure, Unstructured):
+        n_keep, alive = n, None
+        if nnz > n:
+            raise InvalidConfigError(
+                f"{name}: mask_init='nonzero' found {nnz} non-zeros of {n_rows * fan_in}, "
+                f"but the target sparsity keeps {n}"
+            )
+    else:
+        raise TypeError(f"unknown structure {structure!r}")
+    # Non-zeros first (+inf), then the lowest indices (a decreasing score) to top a unit up.
+    order = -torch.arange(n_rows * fan_in, dtype=torch.float64).view(n_rows, fan_in)  # (out, fan_in)
+    mask = topk_mask(torch.where(nonzero, torch.inf, order), n_keep, structure)
+    return mask if alive is None else mask & alive[:, None]
+
+
+@torch.no_grad()
+def rescale_to_sparse_fan_in(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Scale each neuron's weights in place by ``sqrt(dense fan-in / active fan-in)``.
+
+    Standard initialisations draw with a standard deviation proportional to ``1 / sqrt(fan_in)``
+    of the *dense* layer; with only ``k`` of ``fan_in`` weights active, each pre-activation gets
+    ``k / fan_in`` of the intended variance and the signal vanishes at high sparsity (a LeNet-5 at
+    99 % does not train at all). Row ``i`` scaled by ``sqrt(fan_in / k_i)`` restores it: the SRigL
+    reference's sparse Kaiming init (``std = gain / sqrt(k_i)``), for any base init.
+
+    Args:
+        weight: the parameter, any shape ``(out, ...)``; modified in place.
+        mask: bool mask shaped like ``weight``.
+    """
+    rows = weight.shape[0]
+    fan_in = math.prod(weight.shape[1:])
+    counts = mask.reshape(rows, -1).sum(dim=1)  # (out, fan_in) -> (out,)
+    scale = torch.sqrt(fan_in / counts.clamp(min=1).to(weight.dtype))  # (out,)
+    weight.view(rows, -1).mul_(scale[:, None])  # (out, fan_in), a view: scales the parameter in place

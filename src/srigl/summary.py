@@ -1,0 +1,46 @@
+"""The sparsifier's per-tensor report: a plain dict that prints as a table."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Fixed-width text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[Any]) -> str:
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows]])
+
+
+class Summary(dict):
+    """``{parameter FQN: entry}`` as :meth:`srigl.Sparsifier.summary` returns it.
+
+    Still a plain dict (``summary["fc1.weight"]["fan_in"]``, ``json.dumps(summary)``); ``print``
+    shows one line per tensor: shape, sparsity, fan-in, active neurons, and why dense tensors are.
+    """
+
+    def __str__(self) -> str:
+        header = ("tensor", "shape", "sparsity", "fan-in", "neurons", "note")
+        rows = []
+        for name, e in self.items():
+            shape = "x".join(str(s) for s in e["shape"]) or "-"
+            if "neurons" not in e:
+                rows.append((name, shape, "dense", "-", "-", e["reason"]))
+                continue
+            fan_in = e["fan_in"] if e.get("fan_in") is not None else f"~{e['mean_fan_in']:.1f}"
+            note = [e["structure"]]
+            if e.get("ablation"):
+                note.append("ablation")
+            if e.get("storage"):
+                note.append(e["storage"])
+            rows.append((
+                name, shape, f"{100 * e['sparsity']:.1f} %", f"{fan_in}/{e['dense_fan_in']}",
+                f"{e['active_neurons']}/{e['neurons']}", ", ".join(note),
+            ))
+        return table(header, rows)
+
+    def __repr__(self) -> str:
+        return f"Summary({dict.__repr__(self)})"
