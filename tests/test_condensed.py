@@ -485,9 +485,9 @@ def _inference_layer(ablated: float, bias: bool, seed: int = 0) -> tuple[nn.Line
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("windows", [False, True])
 def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias, windows):
-    from srigl import kernels
+    from srigl.kernels import cpu, inference
 
-    if kernels.cpu_inference_ops(torch.float32) is None:
+    if inference.cpu_inference_ops(torch.float32) is None:
         pytest.skip("the C++ kernel is not available: there is no direct path")
     linear, layer = _inference_layer(ablated, bias, seed=batch)
     layer.window_inference = windows
@@ -498,8 +498,9 @@ def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias, w
     with torch.no_grad():
         y = layer(x)
     assert calls == []  # the direct path answered
-    layout = layer._windows(layer.values, layer.indices)  # the cached (packed, max_batch, op) or None
-    assert (layout is not None) == (windows and kernels.cpu.window_ops() is not None)
+    cache = layer.__dict__.get("_window_cache")  # the layer's WindowCache (only with window_inference)
+    layout = None if cache is None else cache.layout  # the cached (packed, max_batch, op) or None
+    assert (layout is not None) == (windows and cpu.window_ops() is not None)
     uses_windows = layout is not None and batch <= layout[1]
     if uses_windows:  # another summation order
         torch.testing.assert_close(y, general, rtol=1e-6, atol=1e-6)
@@ -544,13 +545,13 @@ def test_window_cache_follows_the_weights():
     x = torch.randn(1, 256)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-        packed = layer._window_cache[1][0]
+        packed = layer._window_cache.layout[0]
         layer(x)
-        assert layer._window_cache[1][0] is packed  # unchanged weights: the cached copy is reused
+        assert layer._window_cache.layout[0] is packed  # unchanged weights: the cached copy is reused
         layer.values.mul_(2)  # an in-place change (an optimizer step, say) repacks
         linear.weight.mul_(2)
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-        assert layer._window_cache[1][0] is not packed
+        assert layer._window_cache.layout[0] is not packed
         # A new tensor in place of the old one repacks too.
         layer.values = nn.Parameter(layer.values * 0.5)
         linear.weight.mul_(0.5)
@@ -561,13 +562,13 @@ def test_window_cache_follows_the_weights():
         # storage and version counter; in general the allocator reuses a freed tensor's address for
         # a new tensor of the same size, whose version starts at 0 again) still repacks: the cache
         # also knows its tensors by identity.
-        packed = layer._window_cache[1][0]
+        packed = layer._window_cache.layout[0]
         same_address = nn.Parameter(layer.values.detach())
         assert same_address.data_ptr() == layer.values.data_ptr()
         assert same_address._version == layer.values._version
         layer.values = same_address  # the packed Parameter is freed
         layer(x)
-        assert layer._window_cache[1][0] is not packed
+        assert layer._window_cache.layout[0] is not packed
 
 
 def test_window_cache_is_left_out_of_pickles(tmp_path):
@@ -575,7 +576,7 @@ def test_window_cache_is_left_out_of_pickles(tmp_path):
     x = torch.randn(2, 256)
     with torch.no_grad():
         expected = layer(x)
-    assert layer._window_cache[1] is not None  # holds weak references, which cannot be pickled
+    assert layer._window_cache.layout is not None  # holds weak references, which cannot be pickled
     torch.save(layer, tmp_path / "layer.pt")
     loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
     assert "_window_cache" not in loaded.__dict__ and "_window_cache" in layer.__dict__
@@ -584,7 +585,7 @@ def test_window_cache_is_left_out_of_pickles(tmp_path):
     clone = copy.deepcopy(layer)  # a deep copy repacks for its own tensors
     with torch.no_grad():
         torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
-    assert clone._window_cache[0][0]() is clone.values
+    assert clone._window_cache.key[0]() is clone.values
 
 
 def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
@@ -592,12 +593,12 @@ def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
     x = torch.randn(3, 256)
     with torch.no_grad():
         with_windows = layer(x)
-        assert layer._window_cache[1] is not None
+        assert layer._window_cache.layout is not None
         layer.window_inference = False
         torch.testing.assert_close(layer(x), with_windows, rtol=1e-6, atol=1e-6)
         layer.window_inference = True
         layer(x)
-    assert layer._window_cache[1] is not None
+    assert layer._window_cache.layout is not None
     layer(x)  # a forward with autograd (training) drops it: the weights are about to change
     assert "_window_cache" not in layer.__dict__
     with torch.no_grad():
