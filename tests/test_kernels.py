@@ -307,7 +307,7 @@ def test_cpp_matches_fallback_bitwise_close_on_training_shape():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_extension_builds_where_a_compiler_exists():
-    # With a compiler present a failed build is a bug in cpu.cpp, not an environment limit.
+    # With a compiler present a failed build is a bug in csrc/, not an environment limit.
     if os.environ.get(kernels.DISABLE_ENV) == "1":
         pytest.skip("extension disabled by environment")
     assert cpu.available(), cpu.load_error()

@@ -42,7 +42,7 @@ WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
 
 
 def window_steps(packed: torch.Tensor) -> int:
-    """The number of steps in a window-layout buffer (``WindowHeader.steps`` in ``cpu.cpp``); each
+    """The number of steps in a window-layout buffer (``WindowHeader.steps`` in ``csrc/window.h``); each
     step holds 16 lanes, so ``16 * steps / nonzeros`` is the layout's padding."""
     return int(packed[32:40].view(torch.int64))
 
