@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention, condense
-from srigl.serialization import (
+from srigl.io.serialization import (
     SERIALIZABLE,
     CorruptFileError,
     SkeletonMismatchError,
