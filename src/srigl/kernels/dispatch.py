@@ -138,7 +138,7 @@ def _constant_under_compile(fn):
     Dynamo then calls ``fn`` while tracing (its arguments must be constants there: strings,
     dtypes, devices) and records the result as a constant instead of tracing the body. The
     public decorator imports ``torch._dynamo`` (most of a second), which ``import srigl`` must not pay
-    for code that may never be compiled; tests/test_compile.py checks that both set the same
+    for code that may never be compiled; tests/kernels/test_compile.py checks that both set the same
     marker.
     """
     fn._dynamo_marked_constant = True
