@@ -28,8 +28,8 @@ inline __m256i index_lanes(const I* idx) {
 //
 // Why 8-wide (AVX2) gathers even when AVX-512 is available: the gathers are the bottleneck
 // (x is a few KiB in L1, values and indices stream from L2), and on the AVX-512 parts measured
-// (Xeon, 3072 -> 768 at 90 %, one thread) a 16-wide gather costs more than two 8-wide ones:
-// 46.7 us per product with 16-wide against 43.1 us with 8-wide. Scalar loads were 69 us.
+// a 16-wide gather costs more than two 8-wide ones, and scalar loads more than either (figures in
+// results/kernel_tuning.md).
 template <typename T, typename I>
 inline T gather_dot(const T* x, const T* w, const I* idx, int64_t k) {
   int64_t j = 0;
@@ -108,7 +108,7 @@ void forward_gather(const T* x, const T* values, const I* indices, const T* bias
                     const int64_t* rows = nullptr, int64_t ld = -1) {
   if (ld < 0) ld = out_features;
   // Captured by value: with references every operand would be reloaded through the closure in
-  // the row loop (~4 % of a batch-1 product at 3072 -> 768).
+  // the row loop (a measurable share of a batch-1 product).
   at::parallel_for(0, out_features, rows_grain(k, batch), [=](int64_t o0, int64_t o1) {
     if (batch == 1 && rows == nullptr) {  // the common case, without the batch loop around each row
       for (int64_t o = o0; o < o1; ++o) y[o] = gather_dot(x, values + o * k, indices + o * k, k) + (bias ? bias[o] : T(0));

@@ -138,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   // Undefined tensors come back to Python as None.
   at::Tensor grad_x, grad_values, grad_bias;
   // The tiled route writes every element of both gradients (tile transposes, or the reduction of
-  // per-chunk scratch), so it gets uninitialised memory: zero-filling an (8320, 768) grad_x costs
-  // ~1 ms, about 5 % of a vit-tiny compact step. The gather route accumulates into them.
+  // per-chunk scratch), so it gets uninitialised memory: zero-filling a large grad_x is a
+  // visible share of a compact training step (results/kernel_tuning.md). The gather route accumulates into them.
   const bool tiled = batch > gather_max_batch && out_features > 0 && k > 0;
   const auto make = [&](at::IntArrayRef size, const at::TensorOptions& options) {
     return tiled ? at::empty(size, options) : at::zeros(size, options);

@@ -220,7 +220,7 @@ inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx
 
 // End of the run of entries [j0, end) of one index row that falls in the input chunk ending at
 // c1. The last (often the only) chunk takes every remaining entry without scanning: the scan
-// costs about as much per entry as a narrow tile's multiply-add (batch 3-8 ran 1.5-2x slower).
+// costs about as much per entry as a narrow tile's multiply-add (small batches ran much slower).
 template <typename I>
 inline int64_t chunk_end(const I* idx, int64_t j0, int64_t k, int64_t c1, int64_t in_features) {
   if (c1 >= in_features) return k;
@@ -433,7 +433,7 @@ void backward_transposed(const T* grad_y, const T* x, const T* values, const I* 
   }
   if (grad_x != nullptr && !tile_parallel && chunks > 1) gx_scratch.assign(chunks * nx, T(0));
   // grad_bias is the column sum of grad_y, taken from the transposed tiles while they are in cache
-  // (a separate grad_y.sum(0) re-reads all of grad_y: ~4 % of a vit-tiny compact step).
+  // (a separate grad_y.sum(0) re-reads all of grad_y).
   std::vector<T> gb_scratch;  // (chunks, out), tile-parallel only
   if (grad_bias != nullptr) {
     if (tile_parallel && chunks > 1) gb_scratch.assign(chunks * out_features, T(0));

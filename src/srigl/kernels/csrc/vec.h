@@ -41,10 +41,9 @@ constexpr int kMaxVecsPerTile = 8;
 // Target footprint of one transposed x tile (in_features * width elements): it is re-read for
 // every output row, so it must stay in the per-core L2 (>= 1 MiB on current x86 server parts).
 constexpr int64_t kTileBytes = 1 << 20;
-// Target footprint of one chunk of xt rows walked by all output rows before moving on. Measured
-// on 3072 -> 768, batch 128-256 (chunk_rows knob): L1-sized chunks (16 KiB) lose to the
-// per-chunk accumulator round trip; 64 KiB chunks win by ~10 % in the forward and ~25 % in the
-// backward (whose grad_x rows are read-modify-written) over no chunking.
+// Target footprint of one chunk of xt rows walked by all output rows before moving on: L1-sized
+// chunks (16 KiB) lose to the per-chunk accumulator round trip; 64 KiB chunks beat no chunking,
+// the backward most (its grad_x rows are read-modify-written). Figures: results/kernel_tuning.md.
 constexpr int64_t kChunkBytes = 64 << 10;
 
 template <typename T>

@@ -14,8 +14,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 //
 // Why another layout: at batch 1 the gather layout is bound by the gather instructions
-// themselves (~1.6 ns per 8-wide vgatherdps per core on the Xeon measured, the same with every
-// index inside one cache line of x). Here output rows are grouped into panels of 16, one row per
+// themselves (they cost the same with every index inside one cache line of x; figures in
+// results/kernel_tuning.md). Here output rows are grouped into panels of 16, one row per
 // vector lane, and each panel's nonzeros are scheduled into *steps*: in a step every lane takes at
 // most one of its nonzeros whose input index lies in a common window x[w, w + 32), w a multiple of
 // 16 (so the two 16-float window loads never split a cache line). A two-source permute
