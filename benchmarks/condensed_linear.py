@@ -26,7 +26,7 @@ Columns, all timed in one run with ``torch.utils.benchmark.Timer.blocked_autoran
   reference's ``CondensedLinearFineGrained`` method (691 outputs).
 * srigl      -- ``CondensedLinear`` over the active neurons (691 outputs), i.e. a hidden layer after
   :func:`srigl.condense` removed its ablated neurons. In inference it runs the compiled operators
-  directly: the window layout (``srigl.kernels.window_layout``, AVX-512) up to the batch size its
+  directly: the window layout (``srigl.kernels.inference.window_layout``, AVX-512) up to the batch size its
   padding allows, ``srigl.kernels.fanin_matmul``'s gather / tiled routes beyond.
 * srigl+abl  -- ``CondensedLinear.from_dense`` of the full layer (768 outputs; the ablated neurons'
   bias is scattered in), as for an output layer whose ablated neurons cannot be removed.
@@ -52,7 +52,9 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from srigl import kernels
-from srigl.condensed import CondensedLinear, _gather_matmul
+from srigl.condensed import CondensedLinear
+from srigl.condensed.layers import gather_matmul
+from srigl.kernels.inference import WindowCache, window_steps
 from srigl.structures import ConstantFanIn, topk_mask
 
 IN_FEATURES, OUT_FEATURES = 3072, 768
@@ -109,7 +111,7 @@ def variants(linear: nn.Linear, mask: torch.Tensor) -> dict[str, object]:
         "dense": linear,
         "structured": lambda x: F.linear(x, weight_active, bias_active),
         "csr": lambda x: F.linear(x, csr, linear.bias),
-        "gather": lambda x: _gather_matmul(x, values, indices, bias_active),
+        "gather": lambda x: gather_matmul(x, values, indices, bias_active),
         "srigl": condensed,
         "srigl+abl": full,
     }
@@ -127,7 +129,7 @@ def _time_split(layer: CondensedLinear, x: torch.Tensor, min_run_time: float) ->
         one_line = (torch.arange(indices.shape[1]) % 16).to(indices.dtype).expand_as(indices).contiguous()
         split["one_line_us"] = median_us(lambda x: kernels.cpu.forward(x, values, one_line, bias), x, min_run_time)
         split["op_us"] = split["gather_op_us"]
-        windows = layer._windows(values, indices)
+        windows = WindowCache().get(values, indices, layer.in_features)
         if windows is not None and x.shape[0] <= windows[1]:
             split["op_us"] = median_us(lambda x: windows[2](x, windows[0], bias, None, values.shape[0]), x, min_run_time)
     return split
@@ -135,10 +137,10 @@ def _time_split(layer: CondensedLinear, x: torch.Tensor, min_run_time: float) ->
 
 def _route(layer: CondensedLinear) -> str:
     """Which operators the srigl column runs, by batch size."""
-    windows = layer._windows(layer.values.detach(), layer.indices)
+    windows = WindowCache().get(layer.values.detach(), layer.indices, layer.in_features)
     if windows is None:
         return "gather (batch ≤ 2) / tiled operators (no window layout here)"
-    padding = 16 * kernels.window_steps(windows[0]) / layer.values.numel()
+    padding = 16 * window_steps(windows[0]) / layer.values.numel()
     return (f"window layout up to batch {windows[1]} (padding {padding:.2f}: 16 × steps / nonzeros; "
             f"{windows[0].numel() / 1e6:.2f} MB against {layer.values.numel() * (4 + layer.indices.element_size()) / 1e6:.2f} MB "
             "of values + indices), tiled operator beyond")

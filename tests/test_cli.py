@@ -236,7 +236,7 @@ def test_condense_a_trained_srigl_run(tmp_path, capsys, engine):
     out = capsys.readouterr().out
     assert target.exists() and "condensed" in out
     # The printed call rebuilds the model from the file and the recorded architecture.
-    from srigl.serialization import read_metadata
+    from srigl.io.serialization import read_metadata
     from srigl.train import load_trained_model
 
     assert read_metadata(target)["model"] == "mlp"

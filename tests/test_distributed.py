@@ -274,7 +274,7 @@ def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
     assert runs == [out], f"expected exactly one run folder, found {runs}"
     for name in ("config.toml", "metrics.csv", "summary.json", "checkpoints/last.pt"):
         assert (out / name).is_file(), name
-    from srigl.checkpoint import load_checkpoint
+    from srigl.io.checkpoint import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["sparsifier_config"]["algorithm"] == "srigl"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import srigl
-from srigl.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from srigl.io.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from srigl.errors import (
     CheckpointError,
     CheckpointMismatchError,

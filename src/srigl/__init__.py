@@ -32,9 +32,9 @@ _LAZY = {
     "CondensedLinear": ("srigl.condensed", "CondensedLinear"),
     "CondensedConv2d": ("srigl.condensed", "CondensedConv2d"),
     "CondensedMultiheadAttention": ("srigl.condensed", "CondensedMultiheadAttention"),
-    "save_condensed": ("srigl.serialization", "save_condensed"),
-    "load_condensed": ("srigl.serialization", "load_condensed"),
-    "export_onnx": ("srigl.export", "export_onnx"),
+    "save_condensed": ("srigl.io.serialization", "save_condensed"),
+    "load_condensed": ("srigl.io.serialization", "load_condensed"),
+    "export_onnx": ("srigl.io.export", "export_onnx"),
     "fanin_matmul": ("srigl.kernels", "fanin_matmul"),
     "condense_tensor": ("srigl.condensed", "condense_tensor"),
     "register_condenser": ("srigl.condensed", "register_condenser"),
@@ -42,10 +42,10 @@ _LAZY = {
     "CompactMultiheadAttention": ("srigl.compact", "CompactMultiheadAttention"),
     "to_masked_dense": ("srigl.compact", "to_masked_dense"),
     "from_masked_dense": ("srigl.compact", "from_masked_dense"),
-    "save_checkpoint": ("srigl.checkpoint", "save_checkpoint"),
-    "load_checkpoint": ("srigl.checkpoint", "load_checkpoint"),
-    "training_state": ("srigl.checkpoint", "training_state"),
-    "restore_training_state": ("srigl.checkpoint", "restore_training_state"),
+    "save_checkpoint": ("srigl.io.checkpoint", "save_checkpoint"),
+    "load_checkpoint": ("srigl.io.checkpoint", "load_checkpoint"),
+    "training_state": ("srigl.io.checkpoint", "training_state"),
+    "restore_training_state": ("srigl.io.checkpoint", "restore_training_state"),
 }
 
 

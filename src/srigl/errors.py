@@ -57,3 +57,7 @@ class CheckpointMismatchError(CheckpointError, StateDictMismatchError):
 
 class ReplicaDivergenceError(SriglError, RuntimeError):
     """Ranks of a distributed run hold different masks or weights where they must be identical."""
+
+
+class MaskError(SriglError, ValueError):
+    """A mask that does not fit its weight (shape, dtype, name) or that the weight does not obey."""

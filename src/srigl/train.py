@@ -783,7 +783,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
 
     start_epoch, start_batch, step = 0, 0, 0
     carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
-    from srigl import checkpoint
+    from srigl.io import checkpoint
 
     if resume:
         latest = checkpoint.latest_checkpoint(run_dir)
@@ -977,7 +977,7 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         InvalidConfigError: no checkpoint there, or one that ``srigl train`` did not write.
         srigl.errors.CheckpointError: the file is damaged.
     """
-    from srigl.checkpoint import latest_checkpoint, load_checkpoint
+    from srigl.io.checkpoint import latest_checkpoint, load_checkpoint
     from srigl.data import dataset_info
     from srigl.models import create_model
 

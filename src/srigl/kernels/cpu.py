@@ -1,4 +1,4 @@
-"""The compiled CPU backend: builds ``cpu.cpp`` on first use and calls its torch operators.
+"""The compiled CPU backend: builds ``csrc/`` on first use and calls its torch operators.
 
 Why compile at run time (JIT) rather than at install time
     A build-time torch extension (``setup.py`` with ``CppExtension``) needs torch *inside* pip's
@@ -21,7 +21,7 @@ Why these compiler flags
 
 Why this registration
     The source registers plain torch operators (``TORCH_LIBRARY``) instead of a pybind11 module:
-    that header set compiles in seconds rather than ~25 s and needs no Python headers.
+    that header set compiles in seconds rather than tens of seconds and needs no Python headers.
     ``-fopenmp`` is needed because ``at::parallel_for`` is a header template containing the
     ``omp parallel`` region; the resulting library links ``libgomp.so.1``, which resolves to the
     copy torch has already loaded, so there is one OpenMP pool and ``torch.set_num_threads``
@@ -55,14 +55,15 @@ __all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op"
 
 _log = logging.getLogger("srigl.kernels")
 
-_SOURCE = Path(__file__).with_name("cpu.cpp")
+# One translation unit, csrc/ops.cpp, which includes the other files of csrc/ (one header per route).
+_SOURCE_DIR = Path(__file__).with_name("csrc")
+_SOURCE = _SOURCE_DIR / "ops.cpp"
 _OP_NAMESPACE = "srigl_fanin"
 
-#: Batches up to these sizes use the gather layout, larger ones the transposed layout. Measured
-#: crossovers (AVX-512 Xeon, 3072 -> 768 at 90 %, 691 rows, 2 threads): the forward gather costs
-#: ~22 us per batch row against a flat ~51 us for the transposed path up to 4 rows (44 vs 51 us at
-#: batch 2, 64 vs 51 us at batch 3); the backward gather (a gather plus a scalar scatter per row)
-#: already loses at batch 2 (219 vs 198 us; 119 vs 193 us at batch 1).
+#: Batches up to these sizes use the gather layout, larger ones the transposed layout. The forward
+#: gather's cost grows with every batch row while the transposed path's is flat over the first few;
+#: the backward gather (a gather plus a scalar scatter per row) already loses at batch 2. The
+#: measured crossovers are in results/kernel_tuning.md.
 FORWARD_GATHER_MAX_BATCH = 2
 BACKWARD_GATHER_MAX_BATCH = 1
 
@@ -87,8 +88,14 @@ def _isa_flags() -> tuple[str, list[str]]:
 
 
 def _extension_name(level: str, flags: list[str]) -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    return f"srigl_fanin_{level}_{digest}"
+    """``srigl_fanin_<level>_<hash>``, the hash over every file of ``csrc/`` (names and bytes) and the
+    flags: editing any source, header included, gives a new name and so a fresh build."""
+    digest = hashlib.sha256()
+    for path in sorted(_SOURCE_DIR.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(" ".join(flags).encode())
+    return f"srigl_fanin_{level}_{digest.hexdigest()[:12]}"
 
 
 def _ninja_path() -> str | None:
@@ -182,7 +189,7 @@ def _ops() -> object | None:
                 # torch.compile only reads _state (a write there would fail dynamo's guards on
                 # the next call and compile the graph a second time).
                 _state.update(ops=ops, forward_op=ops.forward.default, forward_rows_op=ops.forward_rows.default)
-                if _isa_flags()[0] == "avx512":  # the window kernel is AVX-512 only (cpu.cpp says why)
+                if _isa_flags()[0] == "avx512":  # the window kernel is AVX-512 only (csrc/window.h says why)
                     _state["window_ops"] = (ops.pack_windows.default, ops.forward_windows.default)
             except Exception as error:  # any failure (no compiler, no ninja, ...) means: fall back
                 _state["error"] = f"{type(error).__name__}: {error}"
@@ -203,7 +210,7 @@ def _loaded_op(key: str):
 def forward_op():
     """The compiled forward as an ``OpOverload`` (``srigl_fanin::forward``), for hot paths.
 
-    Calling it skips this module's wrapper (~1 us at batch 1); arguments as :func:`forward`'s
+    Calling it skips this module's wrapper (a visible cost at batch 1); arguments as :func:`forward`'s
     operator: ``(x, values, indices, bias, gather_max_batch, max_width, chunk_rows)`` with int16
     or int32 indices. Raises RuntimeError when the kernel is not available.
     """
@@ -218,7 +225,7 @@ def forward_rows_op():
 
 def window_ops() -> tuple[object, object] | None:
     """``(pack_windows, forward_windows)``, the window layout's operators, or None where the
-    kernel is unavailable or was not built for AVX-512 (see "window layout" in ``cpu.cpp``).
+    kernel is unavailable or was not built for AVX-512 (see ``csrc/window.h``).
 
     ``pack_windows(values, indices, in_features) -> packed`` (float32, in_features >= 32; uint8
     buffer) and ``forward_windows(x, packed, bias, rows, out_full) -> y``, where ``rows`` (or None)

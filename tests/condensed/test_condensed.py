@@ -20,45 +20,8 @@ from srigl.condensed import (
     condense_tensor,
 )
 from srigl.errors import NotConstantFanInError
-from srigl.structures import ConstantFanIn, topk_mask
 
-
-def constant_fan_in_mask(shape, density: float, ablated: float, generator: torch.Generator) -> torch.Tensor:
-    """A random constant fan-in bool mask of ``shape`` with ``round(ablated * out)`` empty rows."""
-    out, fan_in = shape[0], torch.Size(shape[1:]).numel()
-    k = max(1, round(density * fan_in))
-    mask = topk_mask(torch.rand(out, fan_in, generator=generator), k, ConstantFanIn())  # (out, fan_in)
-    mask[torch.randperm(out, generator=generator)[: round(ablated * out)]] = False
-    return mask.view(shape)
-
-
-def sparsify(model: nn.Module, density=0.3, ablated=0.25, seed=0, skip=()) -> nn.Module:
-    """Give every Linear/Conv2d (but ``skip``) a ``weight_mask`` buffer as the sparsifier does, and a
-    random bias and BatchNorm statistics so that folded constants are not trivially zero."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        with torch.no_grad():
-            if type(module) in (nn.Linear, nn.Conv2d) and name not in skip:
-                mask = constant_fan_in_mask(module.weight.shape, density, ablated, generator)
-                module.register_buffer("weight_mask", mask, persistent=False)
-                module.weight.mul_(mask)
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                if module.affine:
-                    module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                    module.bias.copy_(torch.randn(module.num_features, generator=generator))
-    return model.eval()
-
-
-def assert_same_outputs(reference: nn.Module, condensed: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        expected, actual = reference(x), condensed(x)
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-
+from sparse_models import SmallCNN, _AttentionBlock, _mask_attention, assert_same_outputs, constant_fan_in_mask, sparsify
 
 # --------------------------------------------------------------------------- condense_tensor, golden
 
@@ -251,22 +214,6 @@ def test_condense_sequential_mlp_removes_ablated_neurons():
     assert report["mask_source"] == "buffers"
 
 
-class SmallCNN(nn.Module):
-    """Conv -> BN -> ReLU -> Conv (no padding) -> ReLU -> MaxPool -> Conv -> ReLU -> pool -> flatten -> Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 12, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(12, 16, 3),
-        )
-        self.fc = nn.Linear(16 * 2 * 2, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.features(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 2), 1))
-
 
 def test_condense_cnn_removes_across_conv_bn_flatten():
     torch.manual_seed(0)
@@ -317,34 +264,6 @@ def test_custom_module_with_functional_relu():
     assert report["layers"]["fc1"]["removed_neurons"] > 0 and report["layers"]["fc2"]["removed_neurons"] > 0
     assert report["layers"]["fc"]["kind"] == "dense" and "no mask" in report["layers"]["fc"]["reason"]
     assert condensed.fc.in_features == condensed.fc2.out_features < 20
-
-
-class _AttentionBlock(nn.Module):
-    """Pre-norm-free transformer block: ``x + attn(x)``, then ``x + mlp(x)``."""
-
-    def __init__(self, dim=8, heads=2, batch_first=True):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(x, x, x, need_weights=False)[0]
-        return x + self.mlp(x)
-
-
-def _mask_attention(model, generator, in_density=0.5, out_density=0.5, ablated=0.25):
-    masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            e = module.embed_dim
-            masks[f"{name}.in_proj_weight"] = constant_fan_in_mask((3 * e, e), in_density, ablated, generator)
-            masks[f"{name}.out_proj.weight"] = constant_fan_in_mask((e, e), out_density, ablated, generator)
-            with torch.no_grad():
-                module.in_proj_weight.mul_(masks[f"{name}.in_proj_weight"])
-                module.out_proj.weight.mul_(masks[f"{name}.out_proj.weight"])
-                module.in_proj_bias.copy_(torch.randn(3 * e, generator=generator))
-                module.out_proj.bias.copy_(torch.randn(e, generator=generator))
-    return masks
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -485,9 +404,9 @@ def _inference_layer(ablated: float, bias: bool, seed: int = 0) -> tuple[nn.Line
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("windows", [False, True])
 def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias, windows):
-    from srigl import kernels
+    from srigl.kernels import cpu, inference
 
-    if kernels.cpu_inference_ops(torch.float32) is None:
+    if inference.cpu_inference_ops(torch.float32) is None:
         pytest.skip("the C++ kernel is not available: there is no direct path")
     linear, layer = _inference_layer(ablated, bias, seed=batch)
     layer.window_inference = windows
@@ -498,8 +417,9 @@ def test_inference_path_equals_general_path(monkeypatch, batch, ablated, bias, w
     with torch.no_grad():
         y = layer(x)
     assert calls == []  # the direct path answered
-    layout = layer._windows(layer.values, layer.indices)  # the cached (packed, max_batch, op) or None
-    assert (layout is not None) == (windows and kernels.cpu.window_ops() is not None)
+    cache = layer.__dict__.get("_window_cache")  # the layer's WindowCache (only with window_inference)
+    layout = None if cache is None else cache.layout  # the cached (packed, max_batch, op) or None
+    assert (layout is not None) == (windows and cpu.window_ops() is not None)
     uses_windows = layout is not None and batch <= layout[1]
     if uses_windows:  # another summation order
         torch.testing.assert_close(y, general, rtol=1e-6, atol=1e-6)
@@ -544,13 +464,13 @@ def test_window_cache_follows_the_weights():
     x = torch.randn(1, 256)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-        packed = layer._window_cache[1][0]
+        packed = layer._window_cache.layout[0]
         layer(x)
-        assert layer._window_cache[1][0] is packed  # unchanged weights: the cached copy is reused
+        assert layer._window_cache.layout[0] is packed  # unchanged weights: the cached copy is reused
         layer.values.mul_(2)  # an in-place change (an optimizer step, say) repacks
         linear.weight.mul_(2)
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-        assert layer._window_cache[1][0] is not packed
+        assert layer._window_cache.layout[0] is not packed
         # A new tensor in place of the old one repacks too.
         layer.values = nn.Parameter(layer.values * 0.5)
         linear.weight.mul_(0.5)
@@ -561,13 +481,13 @@ def test_window_cache_follows_the_weights():
         # storage and version counter; in general the allocator reuses a freed tensor's address for
         # a new tensor of the same size, whose version starts at 0 again) still repacks: the cache
         # also knows its tensors by identity.
-        packed = layer._window_cache[1][0]
+        packed = layer._window_cache.layout[0]
         same_address = nn.Parameter(layer.values.detach())
         assert same_address.data_ptr() == layer.values.data_ptr()
         assert same_address._version == layer.values._version
         layer.values = same_address  # the packed Parameter is freed
         layer(x)
-        assert layer._window_cache[1][0] is not packed
+        assert layer._window_cache.layout[0] is not packed
 
 
 def test_window_cache_is_left_out_of_pickles(tmp_path):
@@ -575,7 +495,7 @@ def test_window_cache_is_left_out_of_pickles(tmp_path):
     x = torch.randn(2, 256)
     with torch.no_grad():
         expected = layer(x)
-    assert layer._window_cache[1] is not None  # holds weak references, which cannot be pickled
+    assert layer._window_cache.layout is not None  # holds weak references, which cannot be pickled
     torch.save(layer, tmp_path / "layer.pt")
     loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
     assert "_window_cache" not in loaded.__dict__ and "_window_cache" in layer.__dict__
@@ -584,7 +504,7 @@ def test_window_cache_is_left_out_of_pickles(tmp_path):
     clone = copy.deepcopy(layer)  # a deep copy repacks for its own tensors
     with torch.no_grad():
         torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
-    assert clone._window_cache[0][0]() is clone.values
+    assert clone._window_cache.key[0]() is clone.values
 
 
 def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
@@ -592,12 +512,12 @@ def test_window_inference_can_be_switched_off_and_is_dropped_on_conversion():
     x = torch.randn(3, 256)
     with torch.no_grad():
         with_windows = layer(x)
-        assert layer._window_cache[1] is not None
+        assert layer._window_cache.layout is not None
         layer.window_inference = False
         torch.testing.assert_close(layer(x), with_windows, rtol=1e-6, atol=1e-6)
         layer.window_inference = True
         layer(x)
-    assert layer._window_cache[1] is not None
+    assert layer._window_cache.layout is not None
     layer(x)  # a forward with autograd (training) drops it: the weights are about to change
     assert "_window_cache" not in layer.__dict__
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention, condense
-from srigl.serialization import (
+from srigl.io.serialization import (
     SERIALIZABLE,
     CorruptFileError,
     SkeletonMismatchError,
@@ -18,7 +18,7 @@ from srigl.serialization import (
     read_metadata,
     save_condensed,
 )
-from test_condensed import SmallCNN, _AttentionBlock, _mask_attention, assert_same_outputs, sparsify
+from sparse_models import SmallCNN, _AttentionBlock, _mask_attention, assert_same_outputs, sparsify
 
 
 def _condensed_linear():
@@ -131,7 +131,7 @@ def test_custom_model_needs_a_skeleton(tmp_path):
     model = sparsify(SmallCNN(), ablated=0.3)
     condensed, _ = condense(model)
     path = save_condensed(condensed, tmp_path / "cnn.safetensors")
-    with pytest.raises(SkeletonRequiredError, match="test_condensed.SmallCNN"):
+    with pytest.raises(SkeletonRequiredError, match="sparse_models.SmallCNN"):
         load_condensed(path)
     loaded = load_condensed(path, model=SmallCNN())  # fresh weights, original (dense) shapes
     assert type(loaded.features[0]) is CondensedConv2d

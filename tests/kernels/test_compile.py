@@ -15,7 +15,7 @@ from torch import nn
 
 import srigl.kernels as kernels
 from srigl.condensed import CondensedLinear
-from srigl.kernels import BackendUnavailableError, fanin_matmul
+from srigl.kernels import BackendUnavailableError, dispatch, fanin_matmul
 
 pytestmark = pytest.mark.filterwarnings(
     # inductor imports torch.utils.mkldnn, whose classes torch itself marks deprecated
@@ -236,7 +236,7 @@ def test_trace_time_marker_is_the_one_torch_sets():
     marked = torch.compiler.assume_constant_result(probe)
     assert vars(marked)  # the decorator marks by attribute...
     for name, value in vars(marked).items():  # ...and srigl's function carries the same ones
-        assert getattr(kernels._prepare_backend, name, None) == value, name
+        assert getattr(dispatch._prepare_backend, name, None) == value, name
 
 
 def test_compiles_in_a_fresh_process_before_any_eager_call(tmp_path):

@@ -32,7 +32,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention
 from srigl.errors import SriglError
+from srigl.io.atomic import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -195,27 +195,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is flushed.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def save_condensed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s tensors and module tree to a safetensors file, atomically.
 
@@ -241,7 +220,8 @@ def save_condensed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[
     header = {"srigl.format": FORMAT, "srigl.spec": json.dumps(_spec(model)), "srigl.sha256": _digest(tensors)}
     header.update({f"user.{key}": str(value) for key, value in (metadata or {}).items()})
     path = Path(path)
-    _atomic_write(path, save(tensors, metadata=header))
+    data = save(tensors, metadata=header)
+    atomic_write(path, lambda file: file.write(data), mode=0o644)  # a saved model is meant to be shared
     return path
 
 

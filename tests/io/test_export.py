@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedMultiheadAttention, condense
-from srigl.export import export_onnx
-from test_condensed import _AttentionBlock, _mask_attention, sparsify
+from srigl.io.export import export_onnx
+from sparse_models import _AttentionBlock, _mask_attention, sparsify
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -16,9 +16,9 @@ Python's ``random`` state a tensor of its 625 words).
 
 Three promises:
 
-* **Atomic save.** :func:`save_checkpoint` writes a hidden temporary file next to the target, fsyncs
-  it, renames it onto the target (``os.replace`` is atomic on POSIX and Windows) and fsyncs the
-  directory. A crash or ``kill -9`` at any moment leaves either the old or the new checkpoint under
+* **Atomic save.** :func:`save_checkpoint` (through :func:`srigl.io.atomic.atomic_write`) writes a
+  hidden temporary file next to the target, fsyncs it, renames it onto the target (``os.replace`` is
+  atomic on POSIX and Windows) and fsyncs the directory. A crash or ``kill -9`` at any moment leaves either the old or the new checkpoint under
   the target name, never a partial one. A killed save may leave its hidden ``.<name>.<pid>.<rand>.tmp``
   file behind; nothing here ever loads such a file.
 * **Refuse before touching.** :func:`restore_training_state` checks the model fingerprint, the
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import sys
 import warnings
 import zipfile
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from srigl.errors import CheckpointError, CheckpointMismatchError
+from srigl.io.atomic import atomic_write
 
 FORMAT = "srigl.checkpoint"
 FORMAT_VERSION = 1
@@ -250,20 +250,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable. Not every platform can open a directory (Windows cannot).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write ``state`` (from :func:`training_state`) to ``path`` atomically.
 
@@ -279,19 +265,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     _check_format(state, str(path), what="state to save")
     state = _plain(state, "state", copy=False)  # refuse unreadable objects before any byte is written
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # O_EXCL: never reuse or follow an existing file; 0o666 so the umask decides permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def _check_format(state: Any, where: str, what: str = "checkpoint") -> None:
@@ -299,7 +273,7 @@ def _check_format(state: Any, where: str, what: str = "checkpoint") -> None:
         keys = sorted(map(str, state))[:8] if isinstance(state, Mapping) else type(state).__name__
         raise CheckpointError(
             f"{where}: {what} is not a srigl checkpoint (no 'format': {FORMAT!r} entry; found {keys}); "
-            "build it with srigl.checkpoint.training_state()"
+            "build it with srigl.training_state()"
         )
     version = state.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import srigl.kernels as kernels
-from srigl.kernels import cpu, reference
+from srigl.kernels import cpu, dispatch, inference, reference
 from srigl.kernels import (
     BackendUnavailableError,
     FanInOperandError,
@@ -307,7 +307,7 @@ def test_cpp_matches_fallback_bitwise_close_on_training_shape():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_extension_builds_where_a_compiler_exists():
-    # With a compiler present a failed build is a bug in cpu.cpp, not an environment limit.
+    # With a compiler present a failed build is a bug in csrc/, not an environment limit.
     if os.environ.get(kernels.DISABLE_ENV) == "1":
         pytest.skip("extension disabled by environment")
     assert cpu.available(), cpu.load_error()
@@ -421,14 +421,14 @@ def test_env_var_forces_fallback(monkeypatch):
     assert not kernels.cpu_extension_available()
     kernels.reset_backend_cache()  # fanin_matmul reads the variable once per device and dtype
     try:
-        assert kernels._resolve_backend(None, x) == "torch"
+        assert dispatch._resolve_backend(None, x) == "torch"
         torch.testing.assert_close(fanin_matmul(x, values, indices).double(),
                                    _dense_reference(x, values, indices, None), rtol=1e-5, atol=1e-5)
     finally:
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.reset_backend_cache()
     expected = "cpp" if kernels.cpu_extension_available() else "torch"
-    assert kernels._resolve_backend(None, x) == expected
+    assert dispatch._resolve_backend(None, x) == expected
 
 
 def test_backend_selection_by_dtype():
@@ -612,7 +612,7 @@ def test_rows_bad_input(backend, grad):
 
 
 # ---------------------------------------------------------------------------------------------
-# The window layout (AVX-512 builds): srigl.kernels.window_layout + cpu.window_ops()
+# The window layout (AVX-512 builds): srigl.inference.window_layout + cpu.window_ops()
 # ---------------------------------------------------------------------------------------------
 
 
@@ -757,23 +757,23 @@ def test_window_layout_bad_input():
 def test_window_layout_availability_and_batch_bound():
     _window_ops_or_skip()
     values, indices = _random_layer(50, 512, 50, seed=5)  # ~10 % dense: modest padding
-    layout = kernels.window_layout(values, indices, 512)
+    layout = inference.window_layout(values, indices, 512)
     assert layout is not None
     packed, max_batch = layout
     steps = _window_header(packed)["steps"]
-    assert kernels.window_steps(packed) == steps
+    assert inference.window_steps(packed) == steps
     padding = 16 * steps / values.numel()
     assert 1.0 < padding < 4.0
     # The batch bound is the first row of the table that the padding fits under.
-    assert max_batch == next(b for bound, b in kernels._WINDOW_BATCH_BY_PADDING if padding <= bound)
+    assert max_batch == next(b for bound, b in inference._WINDOW_BATCH_BY_PADDING if padding <= bound)
     # A layer so sparse that most of each step is padding is not kept (no gain worth its memory).
     sparse_values, sparse_indices = _random_layer(50, 512, 2, seed=6)  # ~15 steps per 16 nonzeros
-    assert kernels.window_layout(sparse_values, sparse_indices, 512) is None
-    assert kernels.window_layout(values.double(), indices, 512) is None  # float32 only
-    assert kernels.window_layout(values, indices.long(), 512) is None  # int16/int32 indices only
-    assert kernels.window_layout(values[:, :0], indices[:, :0], 512) is None  # nothing to pack
+    assert inference.window_layout(sparse_values, sparse_indices, 512) is None
+    assert inference.window_layout(values.double(), indices, 512) is None  # float32 only
+    assert inference.window_layout(values, indices.long(), 512) is None  # int16/int32 indices only
+    assert inference.window_layout(values[:, :0], indices[:, :0], 512) is None  # nothing to pack
     small_values, small_indices = _random_layer(4, 20, 3)
-    assert kernels.window_layout(small_values, small_indices, 20) is None  # narrower than a window
+    assert inference.window_layout(small_values, small_indices, 20) is None  # narrower than a window
 
 
 def test_window_layout_respects_disabled_extension(monkeypatch):
@@ -782,8 +782,8 @@ def test_window_layout_respects_disabled_extension(monkeypatch):
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     kernels.reset_backend_cache()
     try:
-        assert kernels.window_layout(values, indices, 64) is None
+        assert inference.window_layout(values, indices, 64) is None
     finally:
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.reset_backend_cache()
-    assert kernels.window_layout(values, indices, 64) is not None
+    assert inference.window_layout(values, indices, 64) is not None

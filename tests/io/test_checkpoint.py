@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import srigl
-from srigl.checkpoint import (
+from srigl.io.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 import srigl
-from srigl.checkpoint import load_checkpoint, restore_training_state
+from srigl.io.checkpoint import load_checkpoint, restore_training_state
 
 N, DELTA, BATCH = 40, 7, 16  # updates after steps 7, 14 (first half) and 21, 28 (second half; t_end = 30)
 
@@ -336,7 +336,7 @@ import time
 
 import torch
 
-from srigl.checkpoint import save_checkpoint, training_state
+from srigl.io.checkpoint import save_checkpoint, training_state
 
 where, path = sys.argv[1], sys.argv[2]
 model = torch.nn.Linear(512, 2048)  # ~4 MB of weights, written in many chunks

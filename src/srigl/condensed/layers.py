@@ -1,0 +1,406 @@
+"""Condensed constant fan-in layers and their registry, :data:`CONDENSERS`.
+
+Every condensed layer stores a :class:`~srigl.condensed.tensor.CondensedTensor` (``values``,
+``indices``, ``active_rows``) and a full-size bias, is built by a ``from_dense`` classmethod over
+:func:`~srigl.condensed.tensor.condense_tensor` and turned back by ``to_dense``. Ablated neurons
+output exactly their bias, so a condensed layer computes what the masked dense layer computes.
+Layers are registered by dense module type with :func:`register_condenser`; the product itself is
+:func:`srigl.kernels.fanin_matmul` (and, for CPU inference of a Linear,
+:mod:`srigl.kernels.inference`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
+from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
+from srigl.kernels.dispatch import place_active_rows
+from srigl.kernels.inference import WindowCache, condensed_linear_inference
+
+__all__ = ["CONDENSERS", "CondensedConv2d", "CondensedLinear", "gather_matmul", "register_condenser"]
+
+CONDENSERS: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_condenser(dense_type: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator registering a condensed layer as the twin of ``dense_type``.
+
+    The class must provide ``from_dense(module, mask=None, *, name=...)`` and ``to_dense()``.
+    :func:`condense` matches modules by exact type, so a subclass of ``nn.Linear`` with its own
+    forward is never swapped by mistake.
+    """
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        CONDENSERS[dense_type] = cls
+        return cls
+
+    return decorate
+
+
+def _mask_of(module: nn.Module, mask: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """The mask to condense ``module.weight`` with: given, else ``weight_mask`` buffer, else ``weight != 0``."""
+    if mask is not None:
+        return mask, "given"
+    buffered = getattr(module, "weight_mask", None)
+    if isinstance(buffered, torch.Tensor):
+        return buffered, "buffer"
+    return module.weight.detach() != 0, "weight != 0"
+
+
+class _CondensedLayer(nn.Module):
+    """Storage and fan-in matmul shared by the condensed layers (not registered itself)."""
+
+    def _init_storage(self, out_features, in_features_flat, fan_in, n_active, bias, index_dtype, device, dtype):
+        index_dtype = index_dtype if index_dtype is not None else index_dtype_for(in_features_flat)
+        self.values = nn.Parameter(torch.zeros(n_active, fan_in, device=device, dtype=dtype))
+        self.register_buffer("indices", torch.zeros(n_active, fan_in, device=device, dtype=index_dtype))
+        self.register_buffer("active_rows", torch.arange(n_active, device=device))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None)
+
+    # Sizes are read off the tensors, so they cannot disagree with what load_state_dict assigned.
+    @property
+    def fan_in(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def n_active(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return self.indices.dtype
+
+    def _fill(self, condensed: CondensedTensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.values.copy_(condensed.values)
+            self.indices.copy_(condensed.indices)
+            self.active_rows.copy_(condensed.active_rows)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight viewed as ``(out, fan_in_flat)``, zero outside the mask (detached)."""
+        return _scatter_rows(
+            self.values.detach(), self.indices, self.active_rows, self._out_features(), self._in_features_flat()
+        )
+
+    def dense_mask(self) -> torch.Tensor:
+        """The bool ``(out, fan_in_flat)`` mask this layer was condensed from."""
+        ones = torch.ones_like(self.values, dtype=torch.bool)
+        return _scatter_rows(ones, self.indices, self.active_rows, self._out_features(), self._in_features_flat())
+
+    def _matmul(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """``y (..., out)`` from ``x (..., in)`` (with this layer's ``indices`` unless given); ablated
+        rows output exactly their bias."""
+        # Read from the registries, not through nn.Module.__getattr__, whose per-attribute cost is a
+        # visible share of a batch-1 product.
+        params, buffers = self._parameters, self._buffers
+        values, bias, rows = params["values"], params.get("bias"), buffers["active_rows"]
+        if indices is None:
+            indices = buffers["indices"]
+        out_features = self._out_features()
+        if values.shape[0] == out_features:
+            return _fanin_matmul(x, values, indices, bias)
+        if torch.compiler.is_exporting():
+            return place_active_rows(gather_matmul, x, values, indices, rows, out_features, bias)
+        return fanin_matmul_rows(x, values, indices, rows, out_features, bias)
+
+    def _out_features(self) -> int:  # out_features / out_channels, ablated neurons included
+        raise NotImplementedError
+
+    def _in_features_flat(self) -> int:
+        raise NotImplementedError
+
+
+def gather_matmul(x, values, indices, bias):
+    """The fan-in matmul as one gather -> multiply -> sum in plain aten ops, for any batch shape.
+
+    What an exported (``torch.export`` / ONNX) condensed layer computes; a reference for benchmarks.
+    """
+    # ONNX Gather takes int32/int64 indices only.
+    indices = indices.long()
+    gathered = x.index_select(-1, indices.reshape(-1)).unflatten(-1, indices.shape)  # (..., out, k)
+    y = (gathered * values).sum(-1)  # (..., out)
+    return y if bias is None else y + bias
+
+
+def _fanin_matmul(x, values, indices, bias):
+    if torch.compiler.is_exporting():
+        # torch.export (under the dynamo ONNX exporter too) cannot trace srigl.kernels: an
+        # autograd.Function around a JIT-built operator, with data-dependent index checks and a
+        # batch-size-dependent route. The same product in aten ops lowers to ONNX Gather/Mul/ReduceSum
+        # and keeps the batch dimension symbolic.
+        return gather_matmul(x, values, indices, bias)
+    return fanin_matmul(x, values, indices, bias)
+
+
+@register_condenser(nn.Linear)
+class CondensedLinear(_CondensedLayer):
+    """A constant fan-in ``nn.Linear`` that stores only the active weights of its active neurons.
+
+    ``y[..., o] = sum_j values[i, j] * x[..., indices[i, j]] + bias[o]`` for ``o = active_rows[i]``;
+    ablated neurons output ``bias[o]`` (or 0). The bias is kept at full size.
+
+    Args:
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear``, counting ablated neurons.
+        fan_in: ``k``, active weights per active neuron.
+        n_active: number of active neurons.
+        bias: whether the layer has a bias.
+        index_dtype: dtype of ``indices``; the smallest that holds ``in_features`` by default.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        n_active: int,
+        bias: bool = True,
+        index_dtype: torch.dtype | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_storage(out_features, in_features, fan_in, n_active, bias, index_dtype, device, dtype)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *, name: str = "weight") -> "CondensedLinear":
+        """Condense ``linear`` under ``mask`` (default: its ``weight_mask`` buffer, else ``weight != 0``)."""
+        mask, _ = _mask_of(linear, mask)
+        condensed = condense_tensor(linear.weight, mask, name=name)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            condensed.fan_in,
+            condensed.active_rows.numel(),
+            bias=linear.bias is not None,
+            index_dtype=condensed.indices.dtype,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        layer._fill(condensed, linear.bias)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent masked ``nn.Linear`` (a new module)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.values.device, dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def _out_features(self) -> int:
+        return self.out_features
+
+    def _in_features_flat(self) -> int:
+        return self.in_features
+
+    #: Whether CPU inference may keep a window-layout copy of the weights
+    #: (:class:`srigl.kernels.inference.WindowCache`). The copy is larger than ``values`` + int16
+    #: ``indices`` by the layout's padding, more so the sparser the layer, and is not kept at all
+    #: where the layout stops paying (measured sizes: results/kernel_tuning.md); set this to False
+    #: (on the class or one layer) to trade that memory for the slower gather route at small batches.
+    window_inference: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            y = self._inference(x)
+            if y is not None:
+                return y
+        elif "_window_cache" in self.__dict__:
+            # Training (compact training evaluates under no_grad between steps): the weights are about
+            # to change, so the packed copy would only hold memory until the next evaluation repacks.
+            del self.__dict__["_window_cache"]
+        return self._matmul(x)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product straight from the compiled operators, or None to take the general path.
+
+        Inference at small batches is dominated by per-call overhead; the module owns values,
+        indices and bias, so :func:`srigl.kernels.inference.condensed_linear_inference` checks only
+        the input, and keeps the window layout in this layer's cache (``_window_cache``, a
+        :class:`~srigl.kernels.inference.WindowCache`, left out of pickles and dropped by ``.to()``
+        and by training).
+        """
+        params, buffers = self._parameters, self._buffers
+        values = params["values"]
+        windows = None
+        if self.window_inference:
+            windows = self.__dict__.get("_window_cache")
+            if windows is None:
+                windows = self.__dict__["_window_cache"] = WindowCache()
+        rows = buffers["active_rows"] if values.shape[0] != self.out_features else None
+        return condensed_linear_inference(
+            x, values, buffers["indices"], params["bias"], rows, self.in_features, self.out_features, windows
+        )
+
+    def __getstate__(self):
+        # Pickling (torch.save of the module, multiprocessing) leaves the packed copy out: it holds
+        # weak references, which cannot be pickled, and is rebuilt on the first call anyway.
+        state = dict(super().__getstate__())
+        state.pop("_window_cache", None)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() make new tensors: drop the packed copy rather than keep it alive.
+        self.__dict__.pop("_window_cache", None)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
+            f"n_active={self.n_active}, bias={self.bias is not None}"
+        )
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _pad_amounts(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """``F.pad`` amounts (left, right, top, bottom) for a Conv2d ``padding`` (pair, 'same', 'valid')."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        # As nn.Conv2d: the odd pixel of an even total goes to the right/bottom.
+        total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel_size))
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    pad_h, pad_w = _pair(padding)
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@register_condenser(nn.Conv2d)
+class CondensedConv2d(_CondensedLayer):
+    """A constant fan-in ``nn.Conv2d``: im2col (``F.unfold``) followed by the fan-in matmul.
+
+    Each filter reads ``k`` of its group's ``in_channels / groups * kh * kw`` inputs; ``indices`` are
+    positions in that per-group fan-in, in the weight's own ``(c, kh, kw)`` order. Because
+    ``F.unfold`` lays out its columns in the same order, group ``g``'s fan-in is the column block
+    ``g * fan_in_flat ...``, so every group (grouped and depthwise convolutions included) runs in one
+    fan-in matmul over the unfolded input with offset indices. Padding of every mode is applied with
+    ``F.pad`` first, which also covers ``padding='same'``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode: as ``nn.Conv2d``.
+        fan_in: ``k``, active weights per active filter.
+        n_active: number of active filters.
+        index_dtype: dtype of ``indices``; the smallest that holds the per-group fan-in by default.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        fan_in: int,
+        n_active: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        index_dtype: torch.dtype | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must divide by groups={groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self._pad = _pad_amounts(self.padding, self.kernel_size, self.dilation)
+        in_flat = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_storage(out_channels, in_flat, fan_in, n_active, bias, index_dtype, device, dtype)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, *, name: str = "weight") -> "CondensedConv2d":
+        """Condense ``conv`` under ``mask`` (default: its ``weight_mask`` buffer, else ``weight != 0``)."""
+        mask, _ = _mask_of(conv, mask)
+        condensed = condense_tensor(conv.weight, mask, name=name)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            condensed.fan_in,
+            condensed.active_rows.numel(),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            index_dtype=condensed.indices.dtype,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        layer._fill(condensed, conv.bias)
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent masked ``nn.Conv2d`` (a new module)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=self.values.device, dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight().view_as(conv.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def _out_features(self) -> int:
+        return self.out_channels
+
+    def _in_features_flat(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def _unfolded_indices(self) -> torch.Tensor:
+        """Indices into the full unfolded fan-in (all groups), ``(n_active, k)``."""
+        if self.groups == 1:
+            return self.indices
+        group = self.active_rows // (self.out_channels // self.groups)  # (n_active,)
+        return self.indices.long() + (group * self._in_features_flat()).unsqueeze(1)  # (n_active, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if any(self._pad):
+            x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
+        n, _, height, width = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h_out = (height - dh * (kh - 1) - 1) // sh + 1
+        w_out = (width - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (N, C*kh*kw, L)
+        y = self._matmul(cols.transpose(1, 2), self._unfolded_indices())  # (N, L, out)
+        return y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)  # (N, out, H_out, W_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, fan_in={self.fan_in}, "
+            f"n_active={self.n_active}, bias={self.bias is not None}"
+        )

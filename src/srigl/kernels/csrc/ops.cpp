@@ -1,0 +1,195 @@
+// Constant fan-in product on the CPU: y[b, o] = sum_j values[o, j] * x[b, indices[o, j]] (+ bias[o]).
+//
+// Compiled on first use by srigl/kernels/cpu.py (torch.utils.cpp_extension.load) and registered as
+// the torch operators srigl_fanin::forward, forward_rows and backward (autograd lives in Python),
+// plus pack_windows and forward_windows for the window layout (window.h). One translation unit:
+// this file holds the entry points and the registration and includes one header per route
+// (vec.h: SIMD helpers; gather.h; tiled.h; checks.h: argument checks; window.h).
+//
+// Two layouts for the operands as stored (values, indices), chosen by batch size:
+//
+// * gather (batch <= gather_max_batch): one output row at a time, a dot product of values[o, :]
+//   with x[b, indices[o, :]]. Hardware gathers (AVX2) fetch 8 x entries per instruction;
+//   int16 indices halve the index stream. Parallel over output rows.
+// * transposed (larger batches): a batch tile of x is transposed (SIMD 16x16 blocks) into a
+//   per-thread buffer xT (in_features, width) so that x[b0:b0+width, i] is one contiguous row.
+//   Each (o, j) is then an axpy of a contiguous row into `width` accumulators held in vector
+//   registers, with no gather at all. `width` (<= 128 floats) is chosen so the tile stays in L2;
+//   when it is large, the inputs are walked in chunks (cursor per output row) so the rows in use
+//   stay in the nearest caches. Results leave through a (out, width) tile and a SIMD transpose.
+//   The backward uses the same tiles: grad_values is a dot product per (o, j) (reduced 16 at a
+//   time), grad_x a scatter into a per-tile xT-shaped accumulator. Parallel over tiles (and over
+//   output rows when there are fewer tiles than threads).
+//
+// A third, the window layout (AVX-512 builds only), is a repacked copy of the layer that a module
+// owning the weights builds once and caches: rows in panels of 16 lanes, nonzeros scheduled into
+// 32-input windows read with a permute instead of gathers. It is the fastest route for small
+// batches; see window.h for the layout.
+//
+// Parallelism uses at::parallel_for, i.e. torch's own OpenMP pool, so torch.set_num_threads()
+// applies and no second OpenMP runtime is started. Work is split into a fixed number of chunks
+// (the thread count) with per-chunk scratch, so results do not depend on thread scheduling.
+
+#include "checks.h"
+#include "gather.h"
+#include "tiled.h"
+#include "vec.h"
+#include "window.h"
+
+namespace srigl_fanin {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Operator entry points.
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                   const std::optional<at::Tensor>& bias, int64_t gather_max_batch, int64_t max_width,
+                   int64_t chunk_rows) {
+  check_operands(x, values, indices);
+  const int64_t batch = x.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t out_features = values.size(0);
+  const int64_t k = values.size(1);
+  const bool has_bias = check_bias(bias, out_features, x.scalar_type());
+  at::Tensor y = at::empty({batch, out_features}, x.options());
+  if (batch == 0 || out_features == 0) return y;
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    const T* b = has_bias ? bias->data_ptr<T>() : nullptr;
+    if (batch <= gather_max_batch) {
+      forward_gather<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), b, y.data_ptr<T>(), batch,
+                           in_features, out_features, k);
+    } else {
+      forward_transposed<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), b, y.data_ptr<T>(),
+                               batch, in_features, out_features, k, max_width, chunk_rows);
+    }
+  });
+  return y;
+}
+
+// The product of a layer whose ablated neurons were dropped from values/indices: active row o
+// lands in column rows[o] of y (batch, out_full), and every other column holds its bias (or 0),
+// which is what the neuron outputs. One pass instead of the compute-then-index_copy of Python.
+at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& rows, int64_t out_full,
+                        int64_t gather_max_batch, int64_t max_width, int64_t chunk_rows) {
+  check_operands(x, values, indices);
+  const int64_t batch = x.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t n_active = values.size(0);
+  const int64_t k = values.size(1);
+  const int64_t* rp = checked_rows(rows, n_active, out_full);
+  const bool has_bias = check_bias(bias, out_full, x.scalar_type());
+  at::Tensor y = at::empty({batch, out_full}, x.options());
+  if (batch == 0 || out_full == 0) return y;
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    const T* b = has_bias ? bias->data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    // Every column first gets what an ablated neuron outputs; the active ones are overwritten.
+    auto fill = [=](int64_t r) { fill_ablated(yp + r * out_full, b, out_full); };
+    if (n_active == 0 || batch <= gather_max_batch) {
+      for (int64_t r = 0; r < batch; ++r) fill(r);
+    }
+    if (n_active == 0) return;
+    if (batch <= gather_max_batch) {
+      forward_gather<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), b, yp, batch, in_features,
+                           n_active, k, rp, out_full);
+      return;
+    }
+    // Larger batches: the tiled kernel writes contiguous (batch, n_active) results, which are then
+    // scattered. The active bias goes into the product, as in forward(), so results are identical.
+    std::vector<T> active_bias;
+    if (b != nullptr) {
+      active_bias.resize(n_active);
+      for (int64_t o = 0; o < n_active; ++o) active_bias[o] = b[rp[o]];
+    }
+    at::Tensor active = at::empty({batch, n_active}, x.options());
+    T* ap = active.data_ptr<T>();
+    forward_transposed<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(),
+                             b != nullptr ? active_bias.data() : nullptr, ap, batch, in_features, n_active, k,
+                             max_width, chunk_rows);
+    at::parallel_for(0, batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_active)), [=](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        fill(r);
+        for (int64_t o = 0; o < n_active; ++o) yp[r * out_full + rp[o]] = ap[r * n_active + o];
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                        const at::Tensor& values, const at::Tensor& indices,
+                                                        bool need_grad_x, bool need_grad_values, bool need_grad_bias,
+                                                        int64_t gather_max_batch, int64_t max_width,
+                                                        int64_t chunk_rows) {
+  check_operands(x, values, indices);
+  const int64_t batch = x.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t out_features = values.size(0);
+  const int64_t k = values.size(1);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == batch && grad_y.size(1) == out_features &&
+                  grad_y.is_contiguous() && grad_y.scalar_type() == x.scalar_type(),
+              "srigl_fanin: grad_y must be a contiguous (", batch, ", ", out_features, ") tensor of x's dtype");
+  // Undefined tensors come back to Python as None.
+  at::Tensor grad_x, grad_values, grad_bias;
+  // The tiled route writes every element of both gradients (tile transposes, or the reduction of
+  // per-chunk scratch), so it gets uninitialised memory: zero-filling a large grad_x is a
+  // visible share of a compact training step (results/kernel_tuning.md). The gather route accumulates into them.
+  const bool tiled = batch > gather_max_batch && out_features > 0 && k > 0;
+  const auto make = [&](at::IntArrayRef size, const at::TensorOptions& options) {
+    return tiled ? at::empty(size, options) : at::zeros(size, options);
+  };
+  if (need_grad_x) grad_x = make({batch, in_features}, x.options());
+  if (need_grad_values) grad_values = make({out_features, k}, values.options());
+  if (need_grad_bias) grad_bias = at::empty({out_features}, x.options());  // always written below
+  if (batch == 0 || out_features == 0 || k == 0 || (!need_grad_x && !need_grad_values)) {
+    // The bias gradient does not depend on the weights: a column sum (zero for an empty batch).
+    if (need_grad_bias) grad_bias = grad_y.sum(0);
+    return {grad_x, grad_values, grad_bias};
+  }
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    T* gx = need_grad_x ? grad_x.data_ptr<T>() : nullptr;
+    T* gv = need_grad_values ? grad_values.data_ptr<T>() : nullptr;
+    T* gb = need_grad_bias ? grad_bias.data_ptr<T>() : nullptr;
+    if (batch <= gather_max_batch) {
+      backward_gather<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), gx,
+                            gv, gb, batch, in_features, out_features, k);
+    } else {
+      backward_transposed<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(),
+                                gx, gv, gb, batch, in_features, out_features, k, max_width, chunk_rows);
+    }
+  });
+  return {grad_x, grad_values, grad_bias};
+}
+
+}  // namespace
+}  // namespace srigl_fanin
+
+TORCH_LIBRARY(srigl_fanin, m) {
+  m.def(
+      "forward(Tensor x, Tensor values, Tensor indices, Tensor? bias, int gather_max_batch, int max_width, "
+      "int chunk_rows) -> Tensor");
+  m.def(
+      "forward_rows(Tensor x, Tensor values, Tensor indices, Tensor? bias, Tensor rows, int out_full, "
+      "int gather_max_batch, int max_width, int chunk_rows) -> Tensor");
+  m.def(
+      "backward(Tensor grad_y, Tensor x, Tensor values, Tensor indices, bool need_grad_x, bool need_grad_values, "
+      "bool need_grad_bias, int gather_max_batch, int max_width, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  m.def("pack_windows(Tensor values, Tensor indices, int in_features) -> Tensor");
+  m.def("forward_windows(Tensor x, Tensor packed, Tensor? bias, Tensor? rows, int out_full) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
+  m.impl("forward", &srigl_fanin::forward);
+  m.impl("forward_rows", &srigl_fanin::forward_rows);
+  m.impl("backward", &srigl_fanin::backward);
+  m.impl("pack_windows", &srigl_fanin::pack_windows);
+  m.impl("forward_windows", &srigl_fanin::forward_windows);
+}
