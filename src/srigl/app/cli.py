@@ -1,6 +1,6 @@
 """The ``srigl`` command line: ``train``, ``report``, ``bench`` and ``condense``.
 
-``srigl train`` merges three sources, later ones winning: :class:`srigl.train.TrainConfig`
+``srigl train`` merges three sources, later ones winning: :class:`srigl.app.train.TrainConfig`
 defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
 ``argparse.SUPPRESS`` defaults so that "not given" is told apart from "given with the default
 value". Every invalid name, value or combination exits with status 2 and a message that lists the
@@ -22,9 +22,9 @@ SUPPRESS = argparse.SUPPRESS
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from srigl.data import list_datasets
-    from srigl.models import list_models
-    from srigl.train import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
+    from srigl.app.datasets import list_datasets
+    from srigl.app.models import list_models
+    from srigl.app.train import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -83,7 +83,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 def _merge(args: dict[str, Any]):
     """TrainConfig from defaults < --config file < flags (see the module docstring)."""
-    from srigl.train import config_from_mapping, load_config_file
+    from srigl.app.train import config_from_mapping, load_config_file
 
     values: dict[str, Any] = {}
     if "config" in args:
@@ -103,7 +103,7 @@ def _merge(args: dict[str, Any]):
 
 
 def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    from srigl.train import TrainingInterrupted, format_table, resolve_config, resume_config, train
+    from srigl.app.train import TrainingInterrupted, format_table, resolve_config, resume_config, train
 
     try:
         if "resume" in args:
@@ -156,7 +156,7 @@ def _report_parser(sub) -> None:
 
 
 def _run_report(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    from srigl.report import ReportError, write_report
+    from srigl.app.report import ReportError, write_report
 
     try:
         path = write_report(args["runs"], args["out"], fan_in_run=args.get("fan_in_run"), title=args["title"])
@@ -228,7 +228,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     except (ImportError, AttributeError) as error:
         print(f"srigl condense: not available in this installation ({error})", file=sys.stderr)
         return 1
-    from srigl.train import load_trained_model
+    from srigl.app.train import load_trained_model
 
     try:
         model, config = load_trained_model(args["checkpoint"])
@@ -236,7 +236,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if config.method == "dense":
         parser.error(f"{args['checkpoint']} is a dense run; nothing to condense")
-    from srigl.data import dataset_info
+    from srigl.app.datasets import dataset_info
 
     condensed, report = condense(model)
     info = dataset_info(config.data)
@@ -247,7 +247,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
           f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
-          f"model=srigl.models.create_model({call}))")
+          f"model=srigl.app.models.create_model({call}))")
     return 0
 
 

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import srigl
-from srigl import flops
+from srigl.app import flops
 from srigl.errors import InvalidConfigError
-from srigl.models import create_model, list_models
-from srigl.train import (
+from srigl.app.models import create_model, list_models
+from srigl.app.train import (
     TrainConfig,
     batches,
     build_optimizer,
@@ -263,7 +263,7 @@ def test_shard_splits_like_a_distributed_sampler():
 def test_fast_batches_equal_the_data_loader():
     from torch.utils.data import DataLoader
 
-    from srigl.data import load_dataset
+    from srigl.app.datasets import load_dataset
 
     train_set, _, _ = load_dataset("digits")
     subset = train_set.head(300)
@@ -320,8 +320,8 @@ def test_flop_count_of_a_compact_vit_matches_the_masked_one():
     # The compact attention's projections are counted through its compact children and its
     # weight-free core (Q K^T, softmax(.) V) by the attention module itself.
     import srigl
-    from srigl.flops import count_costs
-    from srigl.models import create_model
+    from srigl.app.flops import count_costs
+    from srigl.app.models import create_model
 
     def totals(compact: bool):
         torch.manual_seed(0)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from srigl import train as train_module
-from srigl.cli import _merge, main
-from srigl.train import METRIC_COLUMNS, TrainingInterrupted, resolve_config
+from srigl.app import train as train_module
+from srigl.app.cli import _merge, main
+from srigl.app.train import METRIC_COLUMNS, TrainingInterrupted, resolve_config
 
 QUICK = ["--data", "digits", "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
          "--no-progress", "--delta", "2"]
@@ -210,8 +210,8 @@ def test_bench_lists_and_refuses_unknown(capsys):
 
 @pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
 def test_load_trained_model_reproduces_the_final_accuracy(tmp_path, engine):
-    from srigl.data import load_dataset
-    from srigl.train import evaluate, load_trained_model
+    from srigl.app.datasets import load_dataset
+    from srigl.app.train import evaluate, load_trained_model
 
     run = _train(tmp_path, "--method", "srigl", "--sparsity", "0.9", *engine)
     model, config = load_trained_model(run)
@@ -237,12 +237,12 @@ def test_condense_a_trained_srigl_run(tmp_path, capsys, engine):
     assert target.exists() and "condensed" in out
     # The printed call rebuilds the model from the file and the recorded architecture.
     from srigl.serialization import read_metadata
-    from srigl.train import load_trained_model
+    from srigl.app.train import load_trained_model
 
     assert read_metadata(target)["model"] == "mlp"
     call = out.split("load it with: ")[1].strip()
     loaded = eval(call, {"srigl": srigl})  # noqa: S307 - the CLI's own output
-    import srigl.models  # noqa: F401 - the printed call names it
+    import srigl.app.models  # noqa: F401 - the printed call names it
 
     masked, _ = load_trained_model(run)
     x = torch.randn(5, 1, 28, 28)  # digits come upscaled to 28 x 28

@@ -20,8 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl import data
-from srigl.data import (
+from srigl.app import datasets as data
+from srigl.app.datasets import (
     CorruptDatasetError,
     DatasetNotFoundError,
     RandomCropFlip,
@@ -230,7 +230,7 @@ def test_missing_files_list_every_place_and_how_to_get_them(isolated):
         assert str(directory) in message
     assert "missing t10k-labels-idx1-ubyte" in message
     assert f"looked in {len(data.search_dirs('fashion-mnist', isolated / 'mine'))} places" in message
-    assert "make data" in message and "python -m srigl.data fetch fashion-mnist" in message
+    assert "make data" in message and "python -m srigl.app.datasets fetch fashion-mnist" in message
 
 
 def test_corrupt_file_is_reported_not_skipped(isolated):
@@ -604,7 +604,7 @@ def _real_fashion_mnist_dir() -> Path | None:
 @pytest.mark.skipif(
     _real_fashion_mnist_dir() is None,
     reason="Fashion-MNIST not on the search path; run `make data` "
-    "(python -m srigl.data fetch fashion-mnist --data-dir data)",
+    "(python -m srigl.app.datasets fetch fashion-mnist --data-dir data)",
 )
 def test_real_fashion_mnist():
     train, test, info = load_dataset("fashion-mnist")

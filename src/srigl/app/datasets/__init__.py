@@ -24,10 +24,10 @@ Where srigl looks, in order, for a data set called NAME:
 
 Under each root, the folders tried are the data set's ``DataFiles.folders``: ``ROOT/NAME`` and
 torchvision's ``ROOT/<Name>/raw`` for the idx data sets, ``ROOT/cifar-10-batches-py`` and
-``ROOT/cifar10/cifar-10-batches-py`` for CIFAR-10. ``python -m srigl.data where NAME`` prints
+``ROOT/cifar10/cifar-10-batches-py`` for CIFAR-10. ``python -m srigl.app.datasets where NAME`` prints
 the list.
 
-The fetcher, ``python -m srigl.data fetch fashion-mnist --data-dir data``, does nothing when
+The fetcher, ``python -m srigl.app.datasets fetch fashion-mnist --data-dir data``, does nothing when
 Fashion-MNIST is already somewhere on that path; otherwise it unpacks the Debian package
 ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x``, no root needed) into
 ``DATA_DIR/fashion-mnist``.
@@ -234,9 +234,9 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _checkout_data_dir() -> Path | None:
-    # src/srigl/data.py -> the checkout root, when running from a source checkout
-    # (editable install); an installed wheel has no project data/ folder.
-    root = Path(__file__).resolve().parents[2]
+    # src/srigl/app/datasets/__init__.py -> the checkout root, when running from a source
+    # checkout (editable install); an installed wheel has no project data/ folder.
+    root = Path(__file__).resolve().parents[4]
     if (root / "pyproject.toml").is_file() and (root / "src" / "srigl").is_dir():
         return root / "data"
     return None
@@ -471,7 +471,7 @@ FASHION_MNIST_FILES = DataFiles(
     allow_gz=True,
     system_dirs=(DEBIAN_FASHION_MNIST_DIR,),
     how_to_get=(
-        "Get it with `make data` or `python -m srigl.data fetch fashion-mnist --data-dir {target}` "
+        "Get it with `make data` or `python -m srigl.app.datasets fetch fashion-mnist --data-dir {target}` "
         f"(unpacks the Debian package {DEBIAN_FASHION_MNIST_PACKAGE}), or put the four idx files "
         "from https://github.com/zalandoresearch/fashion-mnist in {target}/fashion-mnist."
     ),
@@ -995,12 +995,12 @@ def fetch(name: str, data_dir: Path | str = "data", log: Callable[[str], None] =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m srigl.data {fetch,where} NAME [--data-dir DIR]``.
+    """Command line: ``python -m srigl.app.datasets {fetch,where} NAME [--data-dir DIR]``.
 
     Returns:
         The process exit status: 0 on success, 1 if the data is missing or damaged.
     """
-    parser = argparse.ArgumentParser(prog="python -m srigl.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m srigl.app.datasets", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="obtain a data set (Fashion-MNIST from Debian's package)")
     where_parser = commands.add_parser("where", help="show where srigl looks for a data set and what it finds")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srigl import flops
+from srigl.app import flops
 from srigl.algorithms import ALGORITHMS, SRigL, get_algorithm
 from srigl.errors import InvalidConfigError, SriglError
 
@@ -74,9 +74,9 @@ class TrainConfig:
     """Everything that defines a training run. ``None`` means "resolved from the other fields".
 
     Attributes:
-        data: data set name (``srigl.data.list_datasets()``).
+        data: data set name (``srigl.app.datasets.list_datasets()``).
         data_dir: directory searched first for the data files.
-        model: model name (``srigl.models.list_models()``).
+        model: model name (``srigl.app.models.list_models()``).
         method: ``dense`` or a sparse algorithm (``static``, ``set``, ``rigl``, ``srigl``).
         sparsity: global target in [0, 1); None -> 0.9 for sparse methods, 0.0 for ``dense``.
         distribution: layer-wise sparsity, ``erk`` or ``uniform``.
@@ -204,8 +204,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             range, or an impossible combination (``gamma_sal`` with a method other than srigl,
             ``no_ablation`` with ``gamma_sal > 0``, a sparsity with ``dense``, ...).
     """
-    from srigl.data import list_datasets
-    from srigl.models import list_models
+    from srigl.app.datasets import list_datasets
+    from srigl.app.models import list_models
 
     c = dataclasses.replace(config)
     _choice("data set", c.data, list_datasets())
@@ -466,8 +466,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[tuple[int, int]]:
-    """The epoch's ``(item index, augmentation seed)`` pairs, as ``srigl.data.SeededShuffleSampler`` draws them."""
-    from srigl.data import SeededShuffleSampler
+    """The epoch's ``(item index, augmentation seed)`` pairs, as ``srigl.app.datasets.SeededShuffleSampler`` draws them."""
+    from srigl.app.datasets import SeededShuffleSampler
 
     return list(SeededShuffleSampler(num_items, torch.Generator().manual_seed(epoch_seed(seed, epoch))))
 
@@ -491,7 +491,7 @@ def batches(dataset, order: list[tuple[int, int]], batch_size: int, num_workers:
     (about 10x faster than item by item, with the same values); anything else goes through a
     ``DataLoader`` whose sampler is ``order``.
     """
-    from srigl.data import ImageDataset, Normalize
+    from srigl.app.datasets import ImageDataset, Normalize
 
     if isinstance(dataset, ImageDataset) and dataset.transform is None:
         normalize = Normalize(dataset.info.mean, dataset.info.std)
@@ -740,8 +740,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
         InvalidConfigError: see :func:`resolve_config`.
         TrainingInterrupted: on Ctrl-C, after writing a checkpoint to resume from.
     """
-    from srigl.data import make_loaders
-    from srigl.models import create_model
+    from srigl.app.datasets import make_loaders
+    from srigl.app.models import create_model
 
     cfg = resolve_config(config)
     proc = init_process(cfg.device)
@@ -979,8 +979,8 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         srigl.errors.CheckpointError: the file is damaged.
     """
     from srigl.checkpoint import latest_checkpoint, load_checkpoint
-    from srigl.data import dataset_info
-    from srigl.models import create_model
+    from srigl.app.datasets import dataset_info
+    from srigl.app.models import create_model
 
     found = latest_checkpoint(path)
     if found is None:
