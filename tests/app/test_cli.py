@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from srigl.app import train as train_module
+from srigl.app import datasets
 from srigl.app.cli import _merge, main
-from srigl.app.train import METRIC_COLUMNS, TrainingInterrupted, resolve_config
+from srigl.app.config import resolve_config
+from srigl.app.metrics import METRIC_COLUMNS
+from srigl.app.train import TrainingInterrupted
 
 QUICK = ["--data", "digits", "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
          "--no-progress", "--delta", "2"]
@@ -141,7 +143,7 @@ def test_infeasible_sparsity_is_a_usage_error(tmp_path, capsys):
 
 def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
     """Make the training data stream raise Ctrl-C in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
-    real = train_module.batches
+    real = datasets.batches
     calls = {"n": 0}
 
     def cut(dataset, order, batch_size, num_workers=0):
@@ -151,7 +153,7 @@ def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(train_module, "batches", cut)
+    monkeypatch.setattr(datasets, "batches", cut)
 
 
 def test_interrupt_then_resume_equals_straight_run(tmp_path, monkeypatch, capsys):
@@ -211,7 +213,8 @@ def test_bench_lists_and_refuses_unknown(capsys):
 @pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
 def test_load_trained_model_reproduces_the_final_accuracy(tmp_path, engine):
     from srigl.app.datasets import load_dataset
-    from srigl.app.train import evaluate, load_trained_model
+    from srigl.app.metrics import evaluate
+    from srigl.app.train import load_trained_model
 
     run = _train(tmp_path, "--method", "srigl", "--sparsity", "0.9", *engine)
     model, config = load_trained_model(run)

@@ -26,10 +26,13 @@ from srigl.app.datasets import (
     DatasetNotFoundError,
     RandomCropFlip,
     UnknownDatasetError,
+    batches,
+    epoch_order,
     list_datasets,
     load_dataset,
     make_loaders,
     read_idx,
+    shard,
 )
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -494,6 +497,34 @@ def test_unknown_dataset_lists_choices():
         load_dataset("imagenet")
     for name in list_datasets():
         assert name in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ data order
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    assert epoch_order(50, 3, 7) == epoch_order(50, 3, 7)
+    assert epoch_order(50, 3, 7) != epoch_order(50, 3, 8)
+    assert epoch_order(50, 3, 7) != epoch_order(50, 4, 7)
+    assert sorted(i for i, _ in epoch_order(50, 0, 0)) == list(range(50))
+
+
+def test_shard_splits_like_a_distributed_sampler():
+    order = list(range(10))
+    parts = [shard(order, rank, 3) for rank in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]  # padded by wrapping to 12
+    assert shard(order, 0, 1) is order
+
+
+def test_fast_batches_equal_the_data_loader():
+    from torch.utils.data import DataLoader
+
+    train_set, _, _ = load_dataset("digits")
+    subset = train_set.head(300)
+    order = epoch_order(len(subset), 0, 1)
+    fast = list(batches(subset, order, 64))
+    slow = list(DataLoader(subset, batch_size=64, sampler=order))
+    assert len(fast) == len(slow) == 5
+    for (x_fast, y_fast), (x_slow, y_slow) in zip(fast, slow):
+        assert torch.equal(x_fast, x_slow) and torch.equal(y_fast, y_slow)
 
 
 # ---------------------------------------------------------------------------------------------

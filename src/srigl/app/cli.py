@@ -1,6 +1,6 @@
 """The ``srigl`` command line: ``train``, ``report``, ``bench`` and ``condense``.
 
-``srigl train`` merges three sources, later ones winning: :class:`srigl.app.train.TrainConfig`
+``srigl train`` merges three sources, later ones winning: :class:`srigl.app.config.TrainConfig`
 defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
 ``argparse.SUPPRESS`` defaults so that "not given" is told apart from "given with the default
 value". Every invalid name, value or combination exits with status 2 and a message that lists the
@@ -24,7 +24,7 @@ SUPPRESS = argparse.SUPPRESS
 def _train_parser(sub) -> argparse.ArgumentParser:
     from srigl.app.datasets import list_datasets
     from srigl.app.models import list_models
-    from srigl.app.train import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
+    from srigl.app.config import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -83,7 +83,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 def _merge(args: dict[str, Any]):
     """TrainConfig from defaults < --config file < flags (see the module docstring)."""
-    from srigl.app.train import config_from_mapping, load_config_file
+    from srigl.app.config import config_from_mapping, load_config_file
 
     values: dict[str, Any] = {}
     if "config" in args:
@@ -103,7 +103,9 @@ def _merge(args: dict[str, Any]):
 
 
 def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    from srigl.app.train import TrainingInterrupted, format_table, resolve_config, resume_config, train
+    from srigl.app.config import resolve_config, resume_config
+    from srigl.app.metrics import format_table
+    from srigl.app.train import TrainingInterrupted, train
 
     try:
         if "resume" in args:

@@ -880,6 +880,52 @@ def make_loaders(
 
 
 # ---------------------------------------------------------------------------------------------
+# Data order: a pure function of (seed, epoch), sharded over ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s data order: a pure function of ``(seed, epoch)``."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[tuple[int, int]]:
+    """The epoch's ``(item index, augmentation seed)`` pairs, as :class:`SeededShuffleSampler` draws them."""
+    return list(SeededShuffleSampler(num_items, torch.Generator().manual_seed(epoch_seed(seed, epoch))))
+
+
+def shard(order: list, rank: int, world: int) -> list:
+    """This rank's part of ``order``: padded by wrapping to a multiple of ``world``, then strided.
+
+    The same split as ``torch.utils.data.DistributedSampler`` (which would draw its own order);
+    here the order comes from :func:`epoch_order` so augmentation seeds stay deterministic.
+    """
+    if world == 1:
+        return order
+    padded = order + order[: (-len(order)) % world]
+    return padded[rank::world]
+
+
+def batches(dataset, order: list[tuple[int, int]], batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` batches of ``dataset`` in ``order``.
+
+    An in-memory ``ImageDataset`` without augmentation is gathered a whole batch at a time
+    (about 10x faster than item by item, with the same values); anything else goes through a
+    ``DataLoader`` whose sampler is ``order``.
+    """
+    if isinstance(dataset, ImageDataset) and dataset.transform is None:
+        normalize = Normalize(dataset.info.mean, dataset.info.std)
+        indices = torch.tensor([i for i, _ in order], dtype=torch.long)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            images = dataset.images[idx]  # (B, C, H, W)
+            images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            yield normalize(images), dataset.labels[idx]
+        return
+    yield from DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fetcher
 # ---------------------------------------------------------------------------------------------
 
