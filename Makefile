@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # Fashion-MNIST from the Debian package dataset-fashion-mnist (no download at run time).
 data: $(STAMP)
-	$(PY) -c 'import sys; from srigl.app.datasets import main; sys.exit(main(sys.argv[1:]))' fetch fashion-mnist --data-dir $(DATA)
+	$(PY) -m srigl data fetch fashion-mnist --data-dir $(DATA)
 
 test: $(STAMP) data
 	SRIGL_DATA_DIR=$(DATA) $(PY) -m pytest -n 2 -q

@@ -1,4 +1,4 @@
-"""The ``srigl`` command line: ``train``, ``report``, ``bench`` and ``condense``.
+"""The ``srigl`` command line: ``train``, ``report``, ``bench``, ``condense`` and ``data``.
 
 ``srigl train`` merges three sources, later ones winning: :class:`srigl.app.config.TrainConfig`
 defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
@@ -253,14 +253,48 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _data_parser(sub) -> None:
+    from srigl.app.datasets import list_datasets
+
+    p = sub.add_parser(
+        "data",
+        help="fetch a data set, or show where srigl looks for it",
+        description="Fetch a data set (Fashion-MNIST from the Debian package dataset-fashion-mnist; nothing "
+        "is done when it is already on the search path), or list where srigl looks for one and what it finds.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch_parser = actions.add_parser("fetch", help="obtain a data set (Fashion-MNIST from Debian's package)")
+    where_parser = actions.add_parser("where", help="show where srigl looks for a data set and what it finds")
+    for action in (fetch_parser, where_parser):
+        action.add_argument("name", choices=list_datasets())
+        action.add_argument("--data-dir", default="data", help="data directory (default: %(default)s)")
+    p.set_defaults(handler=_run_data, subparser=p)
+
+
+def _run_data(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
+    from srigl.app.datasets import find_dataset_dir, search_dirs
+
+    if args["action"] == "fetch":
+        from srigl.app.datasets.fetch import fetch
+
+        fetch(args["name"], args["data_dir"])
+        return 0
+    for directory in search_dirs(args["name"], args["data_dir"]):
+        print(directory)
+    if args["name"] != "digits":
+        print(f"found: {find_dataset_dir(args['name'], args['data_dir'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``srigl`` argument parser with its four subcommands."""
+    """The ``srigl`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="srigl", description="Dynamic sparse training with structured sparsity.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _report_parser(sub)
     _bench_parser(sub)
     _condense_parser(sub)
+    _data_parser(sub)
     return parser
 
 

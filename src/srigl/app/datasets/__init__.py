@@ -1,10 +1,12 @@
-"""Image classification data sets read from local files, and the Fashion-MNIST fetcher.
+"""Image classification data sets read from local files: the registry, where srigl looks, the
+in-memory dataset and its loaders, and the data order of a training run.
 
 Nothing is downloaded while loading: every loader reads files that are already on disk and,
 when they are missing or damaged, raises one error that lists every place srigl looked and
 says how to get the data.
 
-Data sets are registered by name (``list_datasets()``):
+Data sets are registered by name (``list_datasets()``; the built-in ones are in
+:mod:`srigl.app.datasets.builtin`):
 
 * ``"fashion-mnist"`` (default) and ``"mnist"``: the four standard idx files, gzipped or not.
 * ``"digits"``: scikit-learn's bundled 8x8 digits, upsampled to 28x28 so every model that
@@ -24,38 +26,26 @@ Where srigl looks, in order, for a data set called NAME:
 
 Under each root, the folders tried are the data set's ``DataFiles.folders``: ``ROOT/NAME`` and
 torchvision's ``ROOT/<Name>/raw`` for the idx data sets, ``ROOT/cifar-10-batches-py`` and
-``ROOT/cifar10/cifar-10-batches-py`` for CIFAR-10. ``python -m srigl.app.datasets where NAME`` prints
-the list.
+``ROOT/cifar10/cifar-10-batches-py`` for CIFAR-10. ``srigl data where NAME`` prints the list.
 
-The fetcher, ``python -m srigl.app.datasets fetch fashion-mnist --data-dir data``, does nothing when
-Fashion-MNIST is already somewhere on that path; otherwise it unpacks the Debian package
-``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x``, no root needed) into
-``DATA_DIR/fashion-mnist``.
+The fetcher (:mod:`srigl.app.datasets.fetch`), ``srigl data fetch fashion-mnist --data-dir data``,
+does nothing when Fashion-MNIST is already somewhere on that path; otherwise it unpacks the Debian
+package ``dataset-fashion-mnist`` into ``DATA_DIR/fashion-mnist``.
 """
 
 from __future__ import annotations
 
-import argparse
-import codecs
-import gzip
 import os
-import pickle
-import shutil
-import struct
-import subprocess
-import sys
-import tempfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from srigl.app.datasets.formats import CorruptDatasetError, read_idx
+from srigl.app.datasets.transforms import Normalize, RandomCropFlip
 from srigl.errors import SriglError
 
 __all__ = [
@@ -68,24 +58,21 @@ __all__ = [
     "RandomCropFlip",
     "SeededShuffleSampler",
     "UnknownDatasetError",
+    "batches",
     "dataset_info",
-    "fetch",
+    "epoch_order",
+    "epoch_seed",
     "find_dataset_dir",
     "list_datasets",
     "load_dataset",
-    "main",
     "make_loaders",
     "read_idx",
     "register_dataset",
     "search_dirs",
+    "shard",
 ]
 
 DATA_DIR_ENV = "SRIGL_DATA_DIR"
-# Where the Debian package dataset-fashion-mnist puts the four gzipped idx files.
-DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"
-DEBIAN_FASHION_MNIST_DIR = Path("/") / DEBIAN_FASHION_MNIST_FILES
-DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +82,6 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 class DatasetNotFoundError(SriglError, FileNotFoundError):
     """A data set's files are not in any searched directory. The message lists them all."""
-
-
-class CorruptDatasetError(SriglError, ValueError):
-    """A data set's file exists but does not parse as the expected format."""
 
 
 class UnknownDatasetError(SriglError, ValueError):
@@ -329,387 +312,6 @@ def find_dataset_dir(name: str, data_dir: Path | str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# The idx format (MNIST, Fashion-MNIST)
-# ---------------------------------------------------------------------------------------------
-
-# idx type byte -> element dtype; multi-byte types are big-endian on disk.
-_IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _read_maybe_gzipped(path: Path) -> bytes:
-    raw = path.read_bytes()
-    # Decide by content rather than by suffix: mirrors ship both compressed files with no .gz
-    # and uncompressed files that kept it.
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as error:
-        raise CorruptDatasetError(
-            f"{path}: gzip stream is damaged or truncated ({len(raw)} compressed bytes): {error}"
-        ) from error
-
-
-def read_idx(path: Path | str) -> np.ndarray:
-    """Parse one idx file (gzipped or not) into a numpy array.
-
-    The idx header is a 4-byte magic number ``0x0000TTNN`` (TT: element type, NN: number of
-    dimensions) followed by NN big-endian uint32 sizes; the elements follow, big-endian,
-    row-major.
-
-    Args:
-        path: The file.
-
-    Returns:
-        An array of the header's shape in the native byte order (uint8 for MNIST files).
-
-    Raises:
-        CorruptDatasetError: On a bad magic number, a truncated header, or a payload whose
-            length differs from what the header promises. The message names the file and
-            the numbers that disagree.
-    """
-    path = Path(path)
-    raw = _read_maybe_gzipped(path)
-    if len(raw) < 4:
-        raise CorruptDatasetError(f"{path}: {len(raw)} bytes, shorter than the 4-byte idx magic number")
-    (magic,) = struct.unpack(">I", raw[:4])
-    type_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
-    if magic >> 16 != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise CorruptDatasetError(
-            f"{path}: magic number 0x{magic:08x} is not an idx header "
-            "(expected 0x0000TTNN with type TT in {08,09,0b,0c,0d,0e} and NN >= 1 dimensions)"
-        )
-    header_bytes = 4 + 4 * ndim
-    if len(raw) < header_bytes:
-        raise CorruptDatasetError(
-            f"{path}: truncated header, {len(raw)} bytes but {ndim} dimensions need {header_bytes}"
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4:header_bytes])
-    dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(raw) - header_bytes
-    if actual != expected:
-        raise CorruptDatasetError(
-            f"{path}: header promises shape {tuple(shape)} = {expected} data bytes, "
-            f"but the file holds {actual} (truncated or not an idx file)"
-        )
-    array = np.frombuffer(raw, dtype=dtype, offset=header_bytes).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=True)
-
-
-_IDX_STEMS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _idx_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[Tensor, Tensor]:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise CorruptDatasetError(
-            f"{images_path}: expected uint8 images of shape (N, 28, 28), "
-            f"got {images.dtype} of shape {images.shape}"
-        )
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise CorruptDatasetError(
-            f"{labels_path}: expected uint8 labels of shape (N,), got {labels.dtype} of shape {labels.shape}"
-        )
-    if len(labels) != len(images):
-        raise CorruptDatasetError(
-            f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(images)} images"
-        )
-    if labels.size and labels.max() >= num_classes:
-        raise CorruptDatasetError(f"{labels_path}: label {int(labels.max())} outside 0..{num_classes - 1}")
-    # (N, 28, 28) -> (N, 1, 28, 28)
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
-
-
-def _load_idx_splits(paths: dict[str, Path], num_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    train_images, train_labels = _idx_split(paths[_IDX_STEMS[0]], paths[_IDX_STEMS[1]], num_classes)
-    test_images, test_labels = _idx_split(paths[_IDX_STEMS[2]], paths[_IDX_STEMS[3]], num_classes)
-    return train_images, train_labels, test_images, test_labels
-
-
-FASHION_MNIST = DatasetInfo(
-    name="fashion-mnist",
-    in_channels=1,
-    image_size=28,
-    num_classes=10,
-    # Pixel mean and std over the 60000 training images.
-    mean=(0.2860,),
-    std=(0.3530,),
-    class_names=(
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ),
-)
-
-MNIST = DatasetInfo(
-    name="mnist",
-    in_channels=1,
-    image_size=28,
-    num_classes=10,
-    mean=(0.1307,),
-    std=(0.3081,),
-    class_names=tuple(str(d) for d in range(10)),
-)
-
-
-FASHION_MNIST_FILES = DataFiles(
-    folders=("fashion-mnist", "FashionMNIST/raw"),  # srigl's fetcher, torchvision
-    stems=_IDX_STEMS,
-    allow_gz=True,
-    system_dirs=(DEBIAN_FASHION_MNIST_DIR,),
-    how_to_get=(
-        "Get it with `make data` or `python -m srigl.app.datasets fetch fashion-mnist --data-dir {target}` "
-        f"(unpacks the Debian package {DEBIAN_FASHION_MNIST_PACKAGE}), or put the four idx files "
-        "from https://github.com/zalandoresearch/fashion-mnist in {target}/fashion-mnist."
-    ),
-)
-
-MNIST_FILES = DataFiles(
-    folders=("mnist", "MNIST/raw"),
-    stems=_IDX_STEMS,
-    allow_gz=True,
-    how_to_get=(
-        "Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
-        "and t10k-labels-idx1-ubyte.gz (gzipped or not, from any MNIST mirror) in {target}/mnist, "
-        "or point --data-dir at a folder holding torchvision's MNIST/raw."
-    ),
-)
-
-
-@register_dataset(FASHION_MNIST, FASHION_MNIST_FILES)
-def _load_fashion_mnist(paths: dict[str, Path]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _load_idx_splits(paths, FASHION_MNIST.num_classes)
-
-
-@register_dataset(MNIST, MNIST_FILES)
-def _load_mnist(paths: dict[str, Path]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _load_idx_splits(paths, MNIST.num_classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# CIFAR-10 python pickle batches
-# ---------------------------------------------------------------------------------------------
-
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and numpy arrays; refuses every other global.
-
-    The CIFAR batches are pickles, and a pickle can run arbitrary code on load. A batch only
-    ever needs numpy's array reconstructor, so nothing else is let through.
-    """
-
-    # The functions numpy's own pickles reference, taken from this numpy so that batches
-    # written under numpy 1 (numpy.core) and numpy 2 (numpy._core) both load.
-    _ALLOWED = {
-        "_reconstruct": np.ndarray.__reduce__(np.zeros(1))[0],
-        "scalar": np.float64(0).__reduce__()[0],
-        "ndarray": np.ndarray,
-        "dtype": np.dtype,
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if module.split(".")[0] == "numpy" and name in self._ALLOWED:
-            return self._ALLOWED[name]
-        if (module, name) == ("_codecs", "encode"):
-            # Protocol-2 pickles written by Python 3 spell every bytes object as a call to
-            # codecs.encode, which only turns a str into bytes.
-            return codecs.encode
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
-    try:
-        with path.open("rb") as file:
-            # encoding="bytes": the batches were pickled by Python 2, whose str keys and
-            # numpy buffers must come back as bytes, as the CIFAR page prescribes.
-            batch = _ArrayOnlyUnpickler(file, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
-        raise CorruptDatasetError(f"{path}: not a readable CIFAR python batch: {error!r}") from error
-    if not isinstance(batch, dict):
-        raise CorruptDatasetError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
-    data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
-    if data is None or labels is None:
-        raise CorruptDatasetError(f"{path}: batch has keys {sorted(map(str, batch))}, needs b'data' and b'labels'")
-    data = np.asarray(data)
-    labels = np.asarray(labels)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise CorruptDatasetError(
-            f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} of shape {data.shape}"
-        )
-    if labels.shape != (len(data),):
-        raise CorruptDatasetError(f"{path}: {labels.size} labels for {len(data)} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= 10):
-        raise CorruptDatasetError(f"{path}: labels span {labels.min()}..{labels.max()}, expected 0..9")
-    # Each row is the red plane, then green, then blue, each 32x32 row-major:
-    # (N, 3072) -> (N, 3, 32, 32)
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return images, torch.from_numpy(labels.astype(np.int64))
-
-
-CIFAR10 = DatasetInfo(
-    name="cifar10",
-    in_channels=3,
-    image_size=32,
-    num_classes=10,
-    # Per-channel pixel mean and std over the 50000 training images. (The often-quoted
-    # (0.2023, 0.1994, 0.2010) is a mean of per-image stds, not the pixel std.)
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    class_names=(
-        "airplane", "automobile", "bird", "cat", "deer",
-        "dog", "frog", "horse", "ship", "truck",
-    ),
-)
-
-
-CIFAR10_FILES = DataFiles(
-    folders=("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
-    stems=(*_CIFAR_TRAIN, "test_batch"),
-    how_to_get=(
-        f"Download cifar-10-python.tar.gz from {CIFAR10_URL} and extract it into {{target}} "
-        "(`tar -xzf cifar-10-python.tar.gz -C {target}` creates {target}/cifar-10-batches-py)."
-    ),
-)
-
-
-@register_dataset(CIFAR10, CIFAR10_FILES, augment_by_default=True)
-def _load_cifar10(paths: dict[str, Path]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    train = [_cifar_batch(paths[stem]) for stem in _CIFAR_TRAIN]
-    test_images, test_labels = _cifar_batch(paths["test_batch"])
-    train_images = torch.cat([images for images, _ in train])
-    train_labels = torch.cat([labels for _, labels in train])
-    return train_images, train_labels, test_images, test_labels
-
-
-# ---------------------------------------------------------------------------------------------
-# scikit-learn digits
-# ---------------------------------------------------------------------------------------------
-
-DIGITS = DatasetInfo(
-    name="digits",
-    in_channels=1,
-    image_size=28,
-    num_classes=10,
-    # Pixel mean and std of the 1437 training images after upsampling to 28x28.
-    mean=(0.3056,),
-    std=(0.3247,),
-    class_names=tuple(str(d) for d in range(10)),
-)
-DIGITS_TEST_SIZE = 360
-_DIGITS_SPLIT_SEED = 0
-
-
-@register_dataset(DIGITS)
-def _load_digits(paths: dict[str, Path]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    del paths  # bundled with scikit-learn
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("the digits data set needs scikit-learn: pip install 'srigl[app]'") from error
-    bunch = load_digits()
-    # Pixel values are counts 0..16. (N, 64) -> (N, 1, 8, 8)
-    images = torch.from_numpy(bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    # Bilinear upsampling to 28x28 so that every model built for MNIST takes digits as is.
-    images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    # The bundle is ordered by writer; a fixed permutation (independent of the training seed)
-    # gives a test split that is the same in every run.
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
-    test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
-    return images[train], labels[train], images[test], labels[test]
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Normalize:
-    """``(image - mean) / std`` per channel, on ``(C, H, W)`` or ``(N, C, H, W)`` tensors."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __call__(self, images: Tensor) -> Tensor:
-        # (C,) -> (C, 1, 1), broadcast over H, W and any leading batch dimension.
-        mean = torch.tensor(self.mean, dtype=images.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype).view(-1, 1, 1)
-        return (images - mean) / std
-
-
-@dataclass(frozen=True)
-class RandomCropFlip:
-    """Random crop with zero padding and random horizontal flip, the standard CIFAR augmentation.
-
-    Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)`` (each image gets its own crop and
-    flip), keeps the input size, and draws all randomness from ``generator`` so a seeded
-    generator gives the same result every time. Apply it to images in [0, 1] before
-    normalisation, so the padding is black as in the usual recipe.
-
-    Attributes:
-        padding: Pixels of zero padding on each side before cropping back to the input size.
-        flip_probability: Chance that an image is mirrored left-right.
-    """
-
-    padding: int = 4
-    flip_probability: float = 0.5
-
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment ``images``.
-
-        Args:
-            images: ``(C, H, W)`` or ``(N, C, H, W)``.
-            generator: Source of randomness; the global RNG when ``None``.
-
-        Returns:
-            A tensor of the same shape and dtype.
-        """
-        if images.ndim not in (3, 4):
-            raise ValueError(f"expected (C, H, W) or (N, C, H, W) images, got shape {tuple(images.shape)}")
-        batch = images if images.ndim == 4 else images.unsqueeze(0)  # (N, C, H, W)
-        n, c, h, w = batch.shape
-        p = self.padding
-        padded = F.pad(batch, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
-        top = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        left = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < self.flip_probability
-        if images.ndim == 3:
-            # One image (the per-item path of a data loader): slicing is ~10x cheaper than
-            # the batched gather below, and draws the same numbers, so the result is the
-            # same as augmenting a batch of one.
-            y, x = int(top), int(left)
-            crop = padded[0, :, y : y + h, x : x + w]  # (C, H, W)
-            return crop.flip(-1) if bool(flip) else crop
-        rows = top[:, None] + torch.arange(h)  # (N, H)
-        cols = left[:, None] + torch.arange(w)  # (N, W)
-        # Mirroring the crop is reading its columns right to left.
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-        return padded[
-            torch.arange(n).view(n, 1, 1, 1),
-            torch.arange(c).view(1, c, 1, 1),
-            rows.view(n, 1, h, 1),
-            cols.view(n, 1, 1, w),
-        ]  # (N, C, H, W)
-
-
-# ---------------------------------------------------------------------------------------------
 # Datasets, sampling and loaders
 # ---------------------------------------------------------------------------------------------
 
@@ -925,148 +527,5 @@ def batches(dataset, order: list[tuple[int, int]], batch_size: int, num_workers:
     yield from DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fetcher
-# ---------------------------------------------------------------------------------------------
-
-
-def _run(command: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, check=False)
-
-
-def _apt_download(package: str, workdir: Path, log: Callable[[str], None], otherwise: str) -> Path:
-    """``apt-get download package`` into ``workdir``; refresh the package lists once if root.
-
-    ``otherwise`` tells the user how to get the data by hand, for the error messages.
-    """
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise DatasetNotFoundError(
-            f"cannot fetch {package}: apt-get or dpkg-deb is missing (not a Debian-like system). {otherwise}"
-        )
-    log(f"running: apt-get download {package}")
-    result = _run(["apt-get", "download", package], workdir)
-    if result.returncode != 0:
-        # A fresh container has no package lists: apt-get cannot locate the package at all.
-        if os.geteuid() == 0:
-            log("apt-get download failed; running: apt-get update")
-            update = _run(["apt-get", "update"], workdir)
-            if update.returncode != 0:
-                raise DatasetNotFoundError(
-                    f"apt-get update failed (exit {update.returncode}):\n{update.stderr.strip()}\n{otherwise}"
-                )
-            result = _run(["apt-get", "download", package], workdir)
-        if result.returncode != 0:
-            hint = "" if os.geteuid() == 0 else "If the package lists are missing, run `sudo apt-get update` and retry. "
-            raise DatasetNotFoundError(
-                f"apt-get download {package} failed (exit {result.returncode}):\n{result.stderr.strip()}\n"
-                f"{hint}{otherwise}"
-            )
-    debs = sorted(workdir.glob(f"{package}_*.deb"))
-    if not debs:
-        raise DatasetNotFoundError(f"apt-get download {package} succeeded but left no .deb in {workdir}")
-    return debs[-1]
-
-
-def _fetch_fashion_mnist(target: Path, log: Callable[[str], None]) -> None:
-    with tempfile.TemporaryDirectory(prefix="srigl-fetch-") as tmp:
-        workdir = Path(tmp)
-        otherwise = (
-            "Or put the four idx files from https://github.com/zalandoresearch/fashion-mnist "
-            f"in {target}."
-        )
-        deb = _apt_download(DEBIAN_FASHION_MNIST_PACKAGE, workdir, log, otherwise)
-        log(f"downloaded {deb.name} ({deb.stat().st_size / 1e6:.1f} MB); unpacking with dpkg-deb -x")
-        unpacked = workdir / "root"
-        result = _run(["dpkg-deb", "-x", str(deb), str(unpacked)], workdir)
-        if result.returncode != 0:
-            raise CorruptDatasetError(f"dpkg-deb -x {deb.name} failed (exit {result.returncode}):\n{result.stderr.strip()}")
-        source = unpacked / DEBIAN_FASHION_MNIST_FILES
-        files = [source / f"{stem}.gz" for stem in _IDX_STEMS]
-        missing = [str(f.relative_to(unpacked)) for f in files if not f.is_file()]
-        if missing:
-            raise CorruptDatasetError(f"{deb.name} does not contain {', '.join(missing)}")
-        # Copy into a staging folder next to the target and check the files there, so that
-        # an interrupted or damaged fetch never leaves files that would count as "present".
-        target.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target))
-        try:
-            for file in files:
-                shutil.copyfile(file, staging / file.name)
-            for images, labels in ((0, 1), (2, 3)):
-                _idx_split(staging / files[images].name, staging / files[labels].name, FASHION_MNIST.num_classes)
-            for file in files:
-                os.replace(staging / file.name, target / file.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def fetch(name: str, data_dir: Path | str = "data", log: Callable[[str], None] = print) -> Path | None:
-    """Make data set ``name`` available locally, doing nothing if it already is.
-
-    Only Fashion-MNIST is fetched automatically (from the Debian package
-    ``dataset-fashion-mnist`` into ``data_dir/fashion-mnist``, without root unless the package
-    lists need refreshing); digits ships with scikit-learn; MNIST and CIFAR-10 must be put in
-    place by hand, and this says how.
-
-    Args:
-        name: Registered data set name.
-        data_dir: Where to put fetched files (``DATA_DIR/NAME``); searched first.
-        log: Receives one line per action taken.
-
-    Returns:
-        The directory holding the data set's files, or ``None`` for digits.
-
-    Raises:
-        DatasetNotFoundError: If the data cannot be obtained; the message says how to get it.
-        CorruptDatasetError: If the fetched files do not parse.
-        UnknownDatasetError: Unknown ``name``.
-    """
-    _entry(name)
-    if name == "digits":
-        log("digits ships with scikit-learn; nothing to fetch")
-        return None
-    try:
-        found = find_dataset_dir(name, data_dir)
-    except DatasetNotFoundError:
-        if name != "fashion-mnist":
-            raise
-    else:
-        log(f"{name} already present in {found}; nothing to do")
-        return found
-    target = Path(data_dir).expanduser().resolve() / name
-    _fetch_fashion_mnist(target, log)
-    log(f"fashion-mnist ready in {target}")
-    return target
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m srigl.app.datasets {fetch,where} NAME [--data-dir DIR]``.
-
-    Returns:
-        The process exit status: 0 on success, 1 if the data is missing or damaged.
-    """
-    parser = argparse.ArgumentParser(prog="python -m srigl.app.datasets", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch_parser = commands.add_parser("fetch", help="obtain a data set (Fashion-MNIST from Debian's package)")
-    where_parser = commands.add_parser("where", help="show where srigl looks for a data set and what it finds")
-    for sub in (fetch_parser, where_parser):
-        sub.add_argument("name", choices=list_datasets())
-        sub.add_argument("--data-dir", default="data", help="data directory (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fetch":
-            fetch(args.name, args.data_dir)
-        else:
-            for directory in search_dirs(args.name, args.data_dir):
-                print(directory)
-            if args.name != "digits":
-                print(f"found: {find_dataset_dir(args.name, args.data_dir)}")
-    except (DatasetNotFoundError, CorruptDatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+# The built-in data sets register themselves on import; they need the registry above.
+from srigl.app.datasets.builtin import CIFAR10, DIGITS, FASHION_MNIST, MNIST  # noqa: E402, F401
