@@ -4,7 +4,9 @@ condense, and ``python -m srigl``."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,10 +17,9 @@ import pytest
 import torch
 
 from srigl.app import datasets
-from srigl.app.cli import _merge, main
-from srigl.app.config import resolve_config
+from srigl.app.cli import _merge, build_parser, config_flag, main
+from srigl.app.config import TrainConfig, config_fields, resolve_config
 from srigl.app.metrics import METRIC_COLUMNS
-from srigl.app.train import TrainingInterrupted
 
 QUICK = ["--data", "digits", "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
          "--no-progress", "--delta", "2"]
@@ -195,12 +196,6 @@ def test_resume_refuses_changes_and_missing_runs(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
 
 
-def test_training_interrupted_is_a_srigl_error():
-    from srigl.errors import SriglError
-
-    assert issubclass(TrainingInterrupted, SriglError)
-
-
 def test_bench_lists_and_refuses_unknown(capsys):
     assert main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
@@ -265,3 +260,30 @@ def test_python_dash_m_srigl_runs_the_cli():
     assert result.returncode == 0
     for flag in ("--gamma-sal", "--no-ablation", "--t-end-fraction", "--resume", "--config", "--compact"):
         assert flag in result.stdout
+
+
+def _train_flags() -> dict[str, object]:
+    """``{dest: argparse action}`` of ``srigl train``."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions}
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_config_field_has_a_flag_whose_default_is_the_field_default(field):
+    action = _train_flags()[field.name]
+    flag = config_flag(field.name, field.default)
+    assert action.option_strings == [flag]
+    kind = config_fields()[field.name]
+    given = {}
+    if kind is bool:
+        given = vars(build_parser().parse_args(["train", flag]))
+        assert given[field.name] is (not field.default)  # the switch flips the default
+    elif field.default is not None:
+        # Giving the default explicitly is the same run as not giving the flag.
+        value = str(field.default)
+        given = vars(build_parser().parse_args(["train", flag, value]))
+        assert type(given[field.name]) is kind and given[field.name] == field.default
+    not_given = {k: v for k, v in vars(build_parser().parse_args(["train"])).items() if k not in ("handler", "subparser", "command")}
+    assert _merge(not_given) == TrainConfig()  # no flag: every field keeps its dataclass default
+    if given:
+        assert getattr(_merge({field.name: given[field.name]}), field.name) == given[field.name]

@@ -10,23 +10,20 @@ valid choices; other srigl errors (missing data, a damaged checkpoint) exit with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from srigl.app.config import DATA, OPTIMISATION, RUN, SPARSITY, TrainConfig, config_fields
 from srigl.errors import InvalidConfigError, InvalidSparsityError, SriglError
 
 SUPPRESS = argparse.SUPPRESS
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from srigl.app.datasets import list_datasets
-    from srigl.app.models import list_models
-    from srigl.app.config import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
-
-    d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train a model densely or with a sparse method",
@@ -38,47 +35,41 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "file's settings that do not apply to it (gamma_sal/no_ablation unless srigl, sparsity for dense).\n"
         "Example: srigl train --data fashion-mnist --model mlp --method srigl --sparsity 0.9 --epochs 3 --plot",
     )
-    g = p.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    g.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<data>-<model>-<method>-s<sparsity>-seed<seed>)")
-    g.add_argument("--seed", type=int, help=f"seed of weights, masks and data order (default {d.seed})")
-    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
-    g.add_argument("--plot", action="store_true", help="write curves.png (learning curves)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--device", choices=DEVICES, help=f"device (default {d.device}: CUDA when available)")
-    g.add_argument("--compact", action="store_true", help="srigl only: train sparse layers as compact (n_active, k) values + indices")
-
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", choices=list_datasets(), help=f"data set (default {d.data})")
-    g.add_argument("--data-dir", metavar="DIR", help="directory searched first for the data files")
-    g.add_argument("--model", choices=list_models(), help=f"model (default {d.model})")
-    g.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training items")
-    g.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test items")
-
-    g = p.add_argument_group("sparsity")
-    g.add_argument("--method", choices=methods(), help=f"training method (default {d.method})")
-    g.add_argument("--sparsity", type=float, help="global sparsity in [0, 1) (default 0.9; 0 for dense)")
-    g.add_argument("--distribution", choices=DISTRIBUTIONS, help=f"layer-wise sparsity (default {d.distribution})")
-    g.add_argument("--gamma-sal", type=float, help="SRigL salient-weight threshold (default 0.3; 0.95 for vit-tiny)")
-    g.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation (gamma_sal = 0)")
-    g.add_argument("--delta", type=int, help=f"steps between mask updates (default {d.delta})")
-    g.add_argument("--alpha", type=float, help=f"initial drop fraction (default {d.alpha})")
-    g.add_argument("--no-sparse-init", dest="sparse_init", action="store_false",
-                   help="keep the dense initial weight scale (default: rescale each neuron to its sparse fan-in)")
-    g.add_argument("--t-end-fraction", type=float, help=f"masks frozen after this fraction of steps (default {d.t_end_fraction})")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer}: Nesterov, momentum 0.9)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 0.1 for sgd, 1e-3 for adamw)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"per-step schedule (default {d.lr_schedule})")
-    g.add_argument("--warmup-epochs", type=int, help=f"linear warm-up epochs (default {d.warmup_epochs})")
-    g.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4 for sgd, 0.05 for adamw)")
-    g.add_argument("--label-smoothing", type=float, help=f"label smoothing (default {d.label_smoothing})")
+    groups = {name: p.add_argument_group(name) for name in (RUN, DATA, SPARSITY, OPTIMISATION)}
+    groups[RUN].add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
+    groups[RUN].add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    add_config_flags(groups)
     p.set_defaults(handler=_run_train, subparser=p)
     return p
+
+
+def config_flag(name: str, default: Any) -> str:
+    """The ``srigl train`` flag of config field ``name``: ``--no-x`` for a boolean that defaults to True."""
+    flag = "--" + name.replace("_", "-")
+    return "--no-" + flag[2:] if default is True else flag
+
+
+def add_config_flags(groups: dict[str, Any]) -> None:
+    """One flag per :class:`TrainConfig` field, from the field's type, default and metadata.
+
+    A boolean field becomes a switch that flips its default (``--plot``, ``--no-progress``); any
+    other field takes one value of its type. Defaults stay ``SUPPRESS`` so that :func:`_merge` can
+    tell "not given" from "given with the default value".
+    """
+    kinds = config_fields()
+    for f in dataclasses.fields(TrainConfig):
+        meta, kind = f.metadata, kinds[f.name]
+        group = groups[meta["group"]]
+        text = meta["help"].format(default=f.default).replace("%", "%%")  # argparse %-formats help
+        if kind is bool:
+            action = "store_false" if f.default else "store_true"
+            group.add_argument(config_flag(f.name, f.default), dest=f.name, action=action, help=text)
+            continue
+        choices = meta["choices"]
+        extra = {"choices": list(choices())} if choices is not None else {"type": kind}
+        if meta["metavar"]:
+            extra["metavar"] = meta["metavar"]
+        group.add_argument(config_flag(f.name, f.default), dest=f.name, help=text, **extra)
 
 
 def _merge(args: dict[str, Any]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,72 +34,80 @@ def methods() -> list[str]:
     return [METHODS_DENSE, *sorted(ALGORITHMS)]
 
 
+def _dataset_names() -> list[str]:
+    from srigl.app.datasets import list_datasets
+
+    return list_datasets()
+
+
+def _model_names() -> list[str]:
+    from srigl.app.models import list_models
+
+    return list_models()
+
+
+def _option(default: Any, help: str, group: str, choices=None, metavar: str | None = None):
+    """A :class:`TrainConfig` field and its ``srigl train`` flag (see :func:`srigl.app.cli`).
+
+    Args:
+        default: the field's default; ``None`` means "resolved from the other fields".
+        help: what the field means, the flag's help; ``{default}`` is replaced by ``default``.
+        group: the flag's group in ``srigl train --help``.
+        choices: the valid values, or a function returning them (registries are read lazily).
+        metavar: the flag's value placeholder in the help.
+    """
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar})
+
+
+RUN, DATA, SPARSITY, OPTIMISATION = "run", "data and model", "sparsity", "optimisation"
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. ``None`` means "resolved from the other fields".
 
-    Attributes:
-        data: data set name (``srigl.app.datasets.list_datasets()``).
-        data_dir: directory searched first for the data files.
-        model: model name (``srigl.app.models.list_models()``).
-        method: ``dense`` or a sparse algorithm (``static``, ``set``, ``rigl``, ``srigl``).
-        sparsity: global target in [0, 1); None -> 0.9 for sparse methods, 0.0 for ``dense``.
-        distribution: layer-wise sparsity, ``erk`` or ``uniform``.
-        gamma_sal: SRigL's salient-weight threshold; None -> 0.3 (0.95 for ``vit-tiny``) for srigl.
-        no_ablation: SRigL without neuron ablation (``gamma_sal = 0``).
-        delta: steps between mask updates.
-        alpha: initial drop fraction.
-        t_end_fraction: masks stop changing after this fraction of the total steps.
-        epochs: training epochs.
-        batch_size: items per optimizer step (per process in a distributed run).
-        optimizer: ``sgd`` (Nesterov, momentum 0.9) or ``adamw``.
-        lr: peak learning rate; None -> 0.1 for SGD, 1e-3 for AdamW.
-        lr_schedule: ``cosine`` (to 0), ``step`` (x0.2 at 30/60/90 %) or ``constant``, per step.
-        warmup_epochs: linear warm-up from 0 to ``lr`` over this many epochs.
-        weight_decay: None -> 5e-4 for SGD, 0.05 for AdamW.
-        label_smoothing: cross-entropy label smoothing.
-        seed: seeds the model initialisation, the masks and the data order.
-        out: run folder; None -> ``runs/<data>-<model>-<method>-s<sparsity>-seed<seed>`` (see :func:`run_name`).
-        limit_train: use only the first N training items (quick runs).
-        limit_test: use only the first N test items.
-        plot: write ``curves.png``.
-        threads: ``torch.set_num_threads``; None leaves torch's default.
-        progress: tqdm progress bars (only on a terminal).
-        compact: train the sparse layers of srigl in compact ``(n_active, k)`` form (``srigl.compact``).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        sparse_init: rescale each sparse neuron's initial weights to its sparse fan-in
-            (:func:`rescale_to_sparse_fan_in`), as the SRigL reference's sparse Kaiming init does.
+    Each field's metadata (:func:`_option`) holds its meaning, and the ``srigl train`` flags are
+    generated from the fields: ``--name-with-dashes VALUE``, ``--flag`` for a boolean that defaults
+    to False and ``--no-flag`` for one that defaults to True. :func:`resolve_config` fills the
+    ``None`` defaults.
     """
 
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    model: str = "mlp"
-    method: str = "srigl"
-    sparsity: float | None = None
-    distribution: str = "erk"
-    gamma_sal: float | None = None
-    no_ablation: bool = False
-    delta: int = 100
-    alpha: float = 0.3
-    t_end_fraction: float = 0.75
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float | None = None
-    lr_schedule: str = "cosine"
-    warmup_epochs: int = 0
-    weight_decay: float | None = None
-    label_smoothing: float = 0.0
-    seed: int = 0
-    out: str | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
-    plot: bool = False
-    threads: int | None = None
-    progress: bool = True
-    compact: bool = False
-    device: str = "auto"
-    sparse_init: bool = True
+    data: str = _option("fashion-mnist", "data set (default {default})", DATA, choices=_dataset_names)
+    data_dir: str | None = _option(None, "directory searched first for the data files", DATA, metavar="DIR")
+    model: str = _option("mlp", "model (default {default})", DATA, choices=_model_names)
+    method: str = _option("srigl", "training method: dense or a sparse algorithm (default {default})", SPARSITY,
+                          choices=lambda: methods())
+    sparsity: float | None = _option(None, "global sparsity in [0, 1) (default 0.9; 0 for dense)", SPARSITY)
+    distribution: str = _option("erk", "layer-wise sparsity (default {default})", SPARSITY,
+                                choices=lambda: DISTRIBUTIONS)
+    gamma_sal: float | None = _option(None, "SRigL salient-weight threshold (default 0.3; 0.95 for vit-tiny)", SPARSITY)
+    no_ablation: bool = _option(False, "SRigL without neuron ablation (gamma_sal = 0)", SPARSITY)
+    delta: int = _option(100, "steps between mask updates (default {default})", SPARSITY)
+    alpha: float = _option(0.3, "initial drop fraction (default {default})", SPARSITY)
+    t_end_fraction: float = _option(0.75, "masks frozen after this fraction of steps (default {default})", SPARSITY)
+    epochs: int = _option(10, "training epochs (default {default})", RUN)
+    batch_size: int = _option(128, "batch size: items per optimizer step, per process when distributed "
+                              "(default {default})", OPTIMISATION)
+    optimizer: str = _option("sgd", "optimizer (default {default}: Nesterov, momentum 0.9)", OPTIMISATION,
+                             choices=lambda: OPTIMIZERS)
+    lr: float | None = _option(None, "peak learning rate (default 0.1 for sgd, 1e-3 for adamw)", OPTIMISATION)
+    lr_schedule: str = _option("cosine", "per-step schedule: cosine (to 0), step (x0.2 at 30/60/90 %) or constant "
+                               "(default {default})", OPTIMISATION, choices=lambda: LR_SCHEDULES)
+    warmup_epochs: int = _option(0, "linear warm-up epochs from 0 to lr (default {default})", OPTIMISATION)
+    weight_decay: float | None = _option(None, "weight decay (default 5e-4 for sgd, 0.05 for adamw)", OPTIMISATION)
+    label_smoothing: float = _option(0.0, "label smoothing (default {default})", OPTIMISATION)
+    seed: int = _option(0, "seed of weights, masks and data order (default {default})", RUN)
+    out: str | None = _option(None, "run folder (default runs/<data>-<model>-<method>-s<sparsity>-seed<seed>)", RUN,
+                              metavar="RUN_DIR")
+    limit_train: int | None = _option(None, "use only the first N training items", DATA, metavar="N")
+    limit_test: int | None = _option(None, "use only the first N test items", DATA, metavar="N")
+    plot: bool = _option(False, "write curves.png (learning curves)", RUN)
+    threads: int | None = _option(None, "torch CPU threads (default: torch's choice)", RUN)
+    progress: bool = _option(True, "tqdm progress bars on a terminal; --no-progress turns them off", RUN)
+    compact: bool = _option(False, "srigl only: train sparse layers as compact (n_active, k) values + indices", RUN)
+    device: str = _option("auto", "device (default {default}: CUDA when available)", RUN, choices=lambda: DEVICES)
+    sparse_init: bool = _option(True, "rescale each neuron's initial weights to its sparse fan-in (the SRigL "
+                                "reference's sparse Kaiming init); --no-sparse-init keeps the dense scale", SPARSITY)
 
     def to_dict(self) -> dict[str, Any]:
         """Field values as a plain dict (``None`` included)."""
