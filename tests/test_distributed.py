@@ -259,7 +259,6 @@ def test_divergence_is_reported_with_names_and_ranks(tmp_path):
 
 @pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
 def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
-    pytest.importorskip("srigl.app.cli", reason="srigl.app.cli (the `srigl train` command) has not landed yet")
     pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
     out = tmp_path / "run"
     result = _torchrun(

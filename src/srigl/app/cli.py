@@ -1,4 +1,4 @@
-"""The ``srigl`` command line: ``train``, ``report``, ``bench``, ``condense`` and ``data``.
+"""The ``srigl`` command line: ``train``, ``report``, ``condense`` and ``data``.
 
 ``srigl train`` merges three sources, later ones winning: :class:`srigl.app.config.TrainConfig`
 defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,48 +158,6 @@ def _run_report(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _benchmarks_dir() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "benchmarks").is_dir():
-            return root / "benchmarks"
-    return None
-
-
-def _bench_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="run the benchmark scripts in benchmarks/",
-        description="Run benchmarks/*.py (all of them except the long reproduce.py study, or the ones named).",
-    )
-    p.add_argument("names", nargs="*", metavar="NAME", help="benchmark names (file stems), e.g. mask_update")
-    p.add_argument("--list", action="store_true", help="only list the benchmarks")
-    p.set_defaults(handler=_run_bench, subparser=p)
-
-
-def _run_bench(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    folder = _benchmarks_dir()
-    scripts = sorted(folder.glob("*.py")) if folder else []
-    if not scripts:
-        print("no benchmarks/ folder here; from a source checkout run, e.g.:\n"
-              "  python benchmarks/mask_update.py\n  python benchmarks/condensed_linear.py\n"
-              "  python benchmarks/reproduce.py --data-dir data --out results/reproduction")
-        return 0
-    by_name = {s.stem: s for s in scripts}
-    if args["list"]:
-        for script in scripts:
-            print(f"{script.stem:24s} {script}")
-        return 0
-    unknown = [n for n in args["names"] if n not in by_name]
-    if unknown:
-        parser.error(f"unknown benchmarks {unknown}; choose from: {', '.join(sorted(by_name))}")
-    chosen = [by_name[n] for n in args["names"]] or [s for s in scripts if s.stem != "reproduce"]
-    status = 0
-    for script in chosen:
-        print(f"== {script.name}", flush=True)
-        status = max(status, subprocess.call([sys.executable, str(script)]))
-    return status
-
-
 def _condense_parser(sub) -> None:
     p = sub.add_parser(
         "condense",
@@ -214,13 +171,7 @@ def _condense_parser(sub) -> None:
 
 
 def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    import srigl
-
-    try:
-        condense, save_condensed = srigl.condense, srigl.save_condensed
-    except (ImportError, AttributeError) as error:
-        print(f"srigl condense: not available in this installation ({error})", file=sys.stderr)
-        return 1
+    from srigl import condense, save_condensed
     from srigl.app.train import load_trained_model
 
     try:
@@ -283,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _report_parser(sub)
-    _bench_parser(sub)
     _condense_parser(sub)
     _data_parser(sub)
     return parser

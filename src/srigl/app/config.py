@@ -238,10 +238,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check_range("weight_decay", c.weight_decay, 0.0, math.inf, high_open=True)
     _check_range("label_smoothing", c.label_smoothing, 0.0, 1.0, high_open=True)
     if c.compact:
-        import importlib.util
-
-        if importlib.util.find_spec("srigl.compact") is None:
-            raise InvalidConfigError("--compact is not available yet: the module srigl.compact is not installed")
         if c.method != "srigl":
             raise InvalidConfigError(f"compact training is for method 'srigl' (constant fan-in) only, not {c.method!r}")
     if c.out is None:
