@@ -1,7 +1,8 @@
 """The ``srigl`` command line: ``train``, ``report``, ``condense`` and ``data``.
 
 ``srigl train`` merges three sources, later ones winning: :class:`srigl.app.config.TrainConfig`
-defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
+defaults, a ``--config file.toml``, and the flags given on the command line. Its flags are
+generated from the ``TrainConfig`` fields (:func:`add_config_flags`) and parsed with
 ``argparse.SUPPRESS`` defaults so that "not given" is told apart from "given with the default
 value". Every invalid name, value or combination exits with status 2 and a message that lists the
 valid choices; other srigl errors (missing data, a damaged checkpoint) exit with status 1.
