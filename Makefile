@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # Fashion-MNIST from the Debian package dataset-fashion-mnist (no download at run time).
 data: $(STAMP)
-	$(PY) -m srigl.data fetch fashion-mnist --data-dir $(DATA)
+	$(PY) -m srigl data fetch fashion-mnist --data-dir $(DATA)
 
 test: $(STAMP) data
 	SRIGL_DATA_DIR=$(DATA) $(PY) -m pytest -n 2 -q
@@ -30,9 +30,14 @@ demo: $(STAMP) data
 reproduce: $(STAMP) data
 	$(PY) benchmarks/reproduce.py --data-dir $(DATA) --out results/reproduction
 
-# Every benchmark script in benchmarks/ (each prints side-by-side ratios and writes results/*.md).
+# Every benchmark script in benchmarks/ but the long reproduce.py study (each prints side-by-side
+# ratios and writes results/*.md); one alone: .venv/bin/python benchmarks/NAME.py
+BENCHMARKS := $(sort $(filter-out benchmarks/reproduce.py,$(wildcard benchmarks/*.py)))
+
 bench: $(STAMP) data
-	$(PY) -m srigl bench
+	@status=0; for script in $(BENCHMARKS); do \
+		echo "== $$(basename $$script)"; $(PY) $$script || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import srigl  # noqa: E402
-from srigl.models import create_model  # noqa: E402
+from srigl.app.models import create_model  # noqa: E402
 
 # name: (channels, image size, sparsity policy). ERK cannot make vit-tiny 99 % sparse with its 48-input
 # patch embedding sparse (one weight per neuron is already 2 %), so it stays dense at every sparsity.

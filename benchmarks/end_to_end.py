@@ -22,7 +22,8 @@ sys.path.insert(0, str(HERE))
 from condensed_linear import bench_model  # noqa: E402
 
 import srigl  # noqa: E402
-from srigl.train import TrainConfig, load_trained_model, train  # noqa: E402
+from srigl.app.config import TrainConfig  # noqa: E402
+from srigl.app.train import load_trained_model, train  # noqa: E402
 
 MODELS = {
     # name: training settings (short; vit-tiny uses its paper gamma_sal 0.95 by default)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import srigl
-from srigl.models import create_model
+from srigl.app.models import create_model
 
 MODELS = {
     # name: (model kwargs, input shape (C, H, W))

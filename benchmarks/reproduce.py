@@ -16,7 +16,7 @@ Resumable: a run whose ``summary.json`` exists is skipped; one with a checkpoint
 continued with ``srigl train --resume``. Checkpoints are deleted once a run is finished (they are
 large and the summaries hold everything the report needs); pass ``--keep-checkpoints`` to keep them.
 
-Then ``srigl.report`` writes ``OUT/report.md`` and the plots, and this script appends the study
+Then ``srigl.app.report`` writes ``OUT/report.md`` and the plots, and this script appends the study
 design, the claims section and, if present, the hand-written ``OUT/analysis.md``. The claims: (1) at 90 %, SRigL with ablation within 0.5 pp of RigL; (2) at 99 %, SRigL with ablation
 beats SRigL without; (3) RigL leaves many neurons without weights at 99 %. Only final test
 accuracies of fixed, pre-declared configurations are compared; nothing is tuned on the test set.
@@ -169,7 +169,7 @@ def claims_section(cells: dict, models: list[str], paper_active_rigl_99: float =
     """Markdown that states, with numbers, whether each of the three claims holds per model.
 
     Args:
-        cells: ``{(model, label, sparsity): Cell}`` from :func:`srigl.report.aggregate` (means over seeds).
+        cells: ``{(model, label, sparsity): Cell}`` from :func:`srigl.app.report.aggregate` (means over seeds).
         models: models in the study.
         paper_active_rigl_99: % active neurons of RigL at 99 % on CIFAR ResNet-18 (paper_numbers.md §5).
     """
@@ -251,7 +251,7 @@ def _budget_use(summary: dict) -> tuple[int, int]:
 
 def investigation_section(grid_dirs: list[Path], extra_dirs: list[Path]) -> str:
     """Markdown table: SRigL without / with ablation / full-budget ablation at 99 %, per model."""
-    from srigl.report import load_runs, mean_std
+    from srigl.app.report import load_runs, mean_std
 
     runs = load_runs([str(d) for d in grid_dirs if "-s0.99-" in d.name and "srigl" in d.name] + [str(d) for d in extra_dirs])
     lines = [
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--train-variant"]:
         # Worker mode: `srigl train` with the investigation's variant registered in this process.
         register_full_budget()
-        from srigl.cli import main as srigl_main
+        from srigl.app.cli import main as srigl_main
 
         return srigl_main(["train", *argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_file.write_text(json.dumps(timing, indent=1) + "\n")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from srigl.report import aggregate, load_runs, write_report
+    from srigl.app.report import aggregate, load_runs, write_report
 
     done = [runs_dir / r.name for r in runs if (runs_dir / r.name / "summary.json").exists()]
     if not done:

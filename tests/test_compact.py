@@ -20,7 +20,7 @@ from torch import nn
 import srigl
 from srigl.compact import CompactMultiheadAttention, CompactSRigL, CompactTensor, from_masked_dense, to_masked_dense
 from srigl.condensed import CondensedConv2d, CondensedLinear
-from srigl.models import create_model
+from srigl.app.models import create_model
 from srigl.structures import ConstantFanIn, topk_mask
 
 

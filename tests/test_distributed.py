@@ -153,7 +153,7 @@ def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Comp
     # Build the C++ kernel here first (compact runs use it), so that the ranks, and any other test
     # worker, do not all compile it at once on a cold cache. (The rank aborts once blamed on that,
     # "terminate called without an active exception", were gloo threads outliving the process
-    # group into interpreter shutdown: see the gc.collect() at the end of WORKER and in srigl.cli.)
+    # group into interpreter shutdown: see the gc.collect() at the end of WORKER and in srigl.app.cli.)
     from srigl.kernels import cpu_extension_available
 
     cpu_extension_available()
@@ -259,7 +259,6 @@ def test_divergence_is_reported_with_names_and_ranks(tmp_path):
 
 @pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
 def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
-    pytest.importorskip("srigl.cli", reason="srigl.cli (the `srigl train` command) has not landed yet")
     pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
     out = tmp_path / "run"
     result = _torchrun(

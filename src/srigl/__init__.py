@@ -1,7 +1,8 @@
 """srigl: dynamic sparse training with structured sparsity for PyTorch.
 
-The core (sparsifiers, structures, distributions, schedules) imports only torch. Condensed layers,
-kernels, data, models and the training app are imported lazily on first use.
+The core (sparsifiers, structures, distributions, schedules) imports only torch. Condensed layers
+and kernels are imported lazily on first use. Data, models and the training app live in
+:mod:`srigl.app`, which nothing here imports.
 """
 
 from srigl.algorithms import ALGORITHMS, RigL, SET, SRigL, Sparsifier, Static, get_algorithm, register_algorithm

@@ -1,7 +1,7 @@
-"""``python -m srigl ...`` runs the ``srigl`` command line (see :mod:`srigl.cli`)."""
+"""``python -m srigl ...`` runs the ``srigl`` command line (see :mod:`srigl.app.cli`)."""
 
 import sys
 
-from srigl.cli import main
+from srigl.app.cli import main
 
 sys.exit(main())

@@ -188,7 +188,7 @@ def test_every_registry_model_round_trips_with_a_skeleton(model_name, tmp_path):
     # Unregistered blocks (ResNet's BasicBlock, the ViT's TransformerBlock) sit inside registered
     # containers (nn.Sequential), so loading must follow the skeleton below registered nodes too.
     import srigl
-    from srigl.models import create_model
+    from srigl.app.models import create_model
 
     kwargs = REGISTRY_CASES[model_name]
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl.cli import main
-from srigl.report import ReportError, aggregate, load_runs, mean_std, write_report
+from srigl.app.cli import main
+from srigl.app.report import ReportError, aggregate, load_runs, mean_std, write_report
 
 
 def fake_run(root: Path, model: str, method: str, sparsity: float, seed: int, acc: float, active: float,

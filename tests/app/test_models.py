@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from srigl.models import UnknownModelError, create_model, list_models, register_model
+from srigl.app.models import UnknownModelError, create_model, list_models, register_model
 
 INPUT_SHAPES = [(1, 28), (3, 32)]  # (in_channels, image_size): MNIST-like and CIFAR-like
 NUM_CLASSES = 7  # not 10, so a hard-coded 10 anywhere shows up

@@ -1,7 +1,8 @@
-"""The ``srigl`` command line: ``train``, ``report``, ``bench`` and ``condense``.
+"""The ``srigl`` command line: ``train``, ``report``, ``condense`` and ``data``.
 
-``srigl train`` merges three sources, later ones winning: :class:`srigl.train.TrainConfig`
-defaults, a ``--config file.toml``, and the flags given on the command line. Flags are parsed with
+``srigl train`` merges three sources, later ones winning: :class:`srigl.app.config.TrainConfig`
+defaults, a ``--config file.toml``, and the flags given on the command line. Its flags are
+generated from the ``TrainConfig`` fields (:func:`add_config_flags`) and parsed with
 ``argparse.SUPPRESS`` defaults so that "not given" is told apart from "given with the default
 value". Every invalid name, value or combination exits with status 2 and a message that lists the
 valid choices; other srigl errors (missing data, a damaged checkpoint) exit with status 1.
@@ -10,23 +11,19 @@ valid choices; other srigl errors (missing data, a damaged checkpoint) exit with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from srigl.app.config import DATA, OPTIMISATION, RUN, SPARSITY, TrainConfig, config_fields
 from srigl.errors import InvalidConfigError, InvalidSparsityError, SriglError
 
 SUPPRESS = argparse.SUPPRESS
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from srigl.data import list_datasets
-    from srigl.models import list_models
-    from srigl.train import DEVICES, DISTRIBUTIONS, LR_SCHEDULES, OPTIMIZERS, TrainConfig, methods
-
-    d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train a model densely or with a sparse method",
@@ -38,52 +35,46 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "file's settings that do not apply to it (gamma_sal/no_ablation unless srigl, sparsity for dense).\n"
         "Example: srigl train --data fashion-mnist --model mlp --method srigl --sparsity 0.9 --epochs 3 --plot",
     )
-    g = p.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    g.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<data>-<model>-<method>-s<sparsity>-seed<seed>)")
-    g.add_argument("--seed", type=int, help=f"seed of weights, masks and data order (default {d.seed})")
-    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
-    g.add_argument("--plot", action="store_true", help="write curves.png (learning curves)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--device", choices=DEVICES, help=f"device (default {d.device}: CUDA when available)")
-    g.add_argument("--compact", action="store_true", help="srigl only: train sparse layers as compact (n_active, k) values + indices")
-
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", choices=list_datasets(), help=f"data set (default {d.data})")
-    g.add_argument("--data-dir", metavar="DIR", help="directory searched first for the data files")
-    g.add_argument("--model", choices=list_models(), help=f"model (default {d.model})")
-    g.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training items")
-    g.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test items")
-
-    g = p.add_argument_group("sparsity")
-    g.add_argument("--method", choices=methods(), help=f"training method (default {d.method})")
-    g.add_argument("--sparsity", type=float, help="global sparsity in [0, 1) (default 0.9; 0 for dense)")
-    g.add_argument("--distribution", choices=DISTRIBUTIONS, help=f"layer-wise sparsity (default {d.distribution})")
-    g.add_argument("--gamma-sal", type=float, help="SRigL salient-weight threshold (default 0.3; 0.95 for vit-tiny)")
-    g.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation (gamma_sal = 0)")
-    g.add_argument("--delta", type=int, help=f"steps between mask updates (default {d.delta})")
-    g.add_argument("--alpha", type=float, help=f"initial drop fraction (default {d.alpha})")
-    g.add_argument("--no-sparse-init", dest="sparse_init", action="store_false",
-                   help="keep the dense initial weight scale (default: rescale each neuron to its sparse fan-in)")
-    g.add_argument("--t-end-fraction", type=float, help=f"masks frozen after this fraction of steps (default {d.t_end_fraction})")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer}: Nesterov, momentum 0.9)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 0.1 for sgd, 1e-3 for adamw)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"per-step schedule (default {d.lr_schedule})")
-    g.add_argument("--warmup-epochs", type=int, help=f"linear warm-up epochs (default {d.warmup_epochs})")
-    g.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4 for sgd, 0.05 for adamw)")
-    g.add_argument("--label-smoothing", type=float, help=f"label smoothing (default {d.label_smoothing})")
+    groups = {name: p.add_argument_group(name) for name in (RUN, DATA, SPARSITY, OPTIMISATION)}
+    groups[RUN].add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
+    groups[RUN].add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    add_config_flags(groups)
     p.set_defaults(handler=_run_train, subparser=p)
     return p
 
 
+def config_flag(name: str, default: Any) -> str:
+    """The ``srigl train`` flag of config field ``name``: ``--no-x`` for a boolean that defaults to True."""
+    flag = "--" + name.replace("_", "-")
+    return "--no-" + flag[2:] if default is True else flag
+
+
+def add_config_flags(groups: dict[str, Any]) -> None:
+    """One flag per :class:`TrainConfig` field, from the field's type, default and metadata.
+
+    A boolean field becomes a switch that flips its default (``--plot``, ``--no-progress``); any
+    other field takes one value of its type. Defaults stay ``SUPPRESS`` so that :func:`_merge` can
+    tell "not given" from "given with the default value".
+    """
+    kinds = config_fields()
+    for f in dataclasses.fields(TrainConfig):
+        meta, kind = f.metadata, kinds[f.name]
+        group = groups[meta["group"]]
+        text = meta["help"].format(default=f.default).replace("%", "%%")  # argparse %-formats help
+        if kind is bool:
+            action = "store_false" if f.default else "store_true"
+            group.add_argument(config_flag(f.name, f.default), dest=f.name, action=action, help=text)
+            continue
+        choices = meta["choices"]
+        extra = {"choices": list(choices())} if choices is not None else {"type": kind}
+        if meta["metavar"]:
+            extra["metavar"] = meta["metavar"]
+        group.add_argument(config_flag(f.name, f.default), dest=f.name, help=text, **extra)
+
+
 def _merge(args: dict[str, Any]):
     """TrainConfig from defaults < --config file < flags (see the module docstring)."""
-    from srigl.train import config_from_mapping, load_config_file
+    from srigl.app.config import config_from_mapping, load_config_file
 
     values: dict[str, Any] = {}
     if "config" in args:
@@ -103,7 +94,9 @@ def _merge(args: dict[str, Any]):
 
 
 def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    from srigl.train import TrainingInterrupted, format_table, resolve_config, resume_config, train
+    from srigl.app.config import resolve_config, resume_config
+    from srigl.app.metrics import format_table
+    from srigl.app.train import TrainingInterrupted, train
 
     try:
         if "resume" in args:
@@ -156,7 +149,7 @@ def _report_parser(sub) -> None:
 
 
 def _run_report(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    from srigl.report import ReportError, write_report
+    from srigl.app.report import ReportError, write_report
 
     try:
         path = write_report(args["runs"], args["out"], fan_in_run=args.get("fan_in_run"), title=args["title"])
@@ -164,48 +157,6 @@ def _run_report(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     print(f"wrote {path}")
     return 0
-
-
-def _benchmarks_dir() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "benchmarks").is_dir():
-            return root / "benchmarks"
-    return None
-
-
-def _bench_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="run the benchmark scripts in benchmarks/",
-        description="Run benchmarks/*.py (all of them except the long reproduce.py study, or the ones named).",
-    )
-    p.add_argument("names", nargs="*", metavar="NAME", help="benchmark names (file stems), e.g. mask_update")
-    p.add_argument("--list", action="store_true", help="only list the benchmarks")
-    p.set_defaults(handler=_run_bench, subparser=p)
-
-
-def _run_bench(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    folder = _benchmarks_dir()
-    scripts = sorted(folder.glob("*.py")) if folder else []
-    if not scripts:
-        print("no benchmarks/ folder here; from a source checkout run, e.g.:\n"
-              "  python benchmarks/mask_update.py\n  python benchmarks/condensed_linear.py\n"
-              "  python benchmarks/reproduce.py --data-dir data --out results/reproduction")
-        return 0
-    by_name = {s.stem: s for s in scripts}
-    if args["list"]:
-        for script in scripts:
-            print(f"{script.stem:24s} {script}")
-        return 0
-    unknown = [n for n in args["names"] if n not in by_name]
-    if unknown:
-        parser.error(f"unknown benchmarks {unknown}; choose from: {', '.join(sorted(by_name))}")
-    chosen = [by_name[n] for n in args["names"]] or [s for s in scripts if s.stem != "reproduce"]
-    status = 0
-    for script in chosen:
-        print(f"== {script.name}", flush=True)
-        status = max(status, subprocess.call([sys.executable, str(script)]))
-    return status
 
 
 def _condense_parser(sub) -> None:
@@ -221,14 +172,8 @@ def _condense_parser(sub) -> None:
 
 
 def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
-    import srigl
-
-    try:
-        condense, save_condensed = srigl.condense, srigl.save_condensed
-    except (ImportError, AttributeError) as error:
-        print(f"srigl condense: not available in this installation ({error})", file=sys.stderr)
-        return 1
-    from srigl.train import load_trained_model
+    from srigl import condense, save_condensed
+    from srigl.app.train import load_trained_model
 
     try:
         model, config = load_trained_model(args["checkpoint"])
@@ -236,7 +181,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if config.method == "dense":
         parser.error(f"{args['checkpoint']} is a dense run; nothing to condense")
-    from srigl.data import dataset_info
+    from srigl.app.datasets import dataset_info
 
     condensed, report = condense(model)
     info = dataset_info(config.data)
@@ -247,18 +192,51 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
           f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
-          f"model=srigl.models.create_model({call}))")
+          f"model=srigl.app.models.create_model({call}))")
+    return 0
+
+
+def _data_parser(sub) -> None:
+    from srigl.app.datasets import list_datasets
+
+    p = sub.add_parser(
+        "data",
+        help="fetch a data set, or show where srigl looks for it",
+        description="Fetch a data set (Fashion-MNIST from the Debian package dataset-fashion-mnist; nothing "
+        "is done when it is already on the search path), or list where srigl looks for one and what it finds.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch_parser = actions.add_parser("fetch", help="obtain a data set (Fashion-MNIST from Debian's package)")
+    where_parser = actions.add_parser("where", help="show where srigl looks for a data set and what it finds")
+    for action in (fetch_parser, where_parser):
+        action.add_argument("name", choices=list_datasets())
+        action.add_argument("--data-dir", default="data", help="data directory (default: %(default)s)")
+    p.set_defaults(handler=_run_data, subparser=p)
+
+
+def _run_data(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
+    from srigl.app.datasets import find_dataset_dir, search_dirs
+
+    if args["action"] == "fetch":
+        from srigl.app.datasets.fetch import fetch
+
+        fetch(args["name"], args["data_dir"])
+        return 0
+    for directory in search_dirs(args["name"], args["data_dir"]):
+        print(directory)
+    if args["name"] != "digits":
+        print(f"found: {find_dataset_dir(args['name'], args['data_dir'])}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``srigl`` argument parser with its four subcommands."""
+    """The ``srigl`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="srigl", description="Dynamic sparse training with structured sparsity.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _report_parser(sub)
-    _bench_parser(sub)
     _condense_parser(sub)
+    _data_parser(sub)
     return parser
 
 

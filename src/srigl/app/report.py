@@ -141,7 +141,7 @@ def load_run(path: str | Path) -> RunRecord:
 
 
 def _label(method: str, gamma_sal: float | None) -> str:
-    from srigl.train import method_label
+    from srigl.app.config import method_label
 
     return method_label(method, gamma_sal)
 

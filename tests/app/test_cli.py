@@ -1,10 +1,12 @@
 """``srigl`` command line: every method end to end on the bundled digits, config-file precedence,
-refused flags (exit 2, valid choices in the message), resume after an interruption, bench and
-condense, and ``python -m srigl``."""
+refused flags (exit 2, valid choices in the message), resume after an interruption, condense,
+``python -m srigl``, and the flags generated from ``TrainConfig``."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from srigl import train as train_module
-from srigl.cli import _merge, main
-from srigl.train import METRIC_COLUMNS, TrainingInterrupted, resolve_config
+from srigl.app import datasets
+from srigl.app.cli import _merge, build_parser, config_flag, main
+from srigl.app.config import TrainConfig, config_fields, resolve_config
+from srigl.app.metrics import METRIC_COLUMNS
 
 QUICK = ["--data", "digits", "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
          "--no-progress", "--delta", "2"]
@@ -141,7 +144,7 @@ def test_infeasible_sparsity_is_a_usage_error(tmp_path, capsys):
 
 def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
     """Make the training data stream raise Ctrl-C in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
-    real = train_module.batches
+    real = datasets.batches
     calls = {"n": 0}
 
     def cut(dataset, order, batch_size, num_workers=0):
@@ -151,7 +154,7 @@ def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(train_module, "batches", cut)
+    monkeypatch.setattr(datasets, "batches", cut)
 
 
 def test_interrupt_then_resume_equals_straight_run(tmp_path, monkeypatch, capsys):
@@ -193,25 +196,11 @@ def test_resume_refuses_changes_and_missing_runs(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
 
 
-def test_training_interrupted_is_a_srigl_error():
-    from srigl.errors import SriglError
-
-    assert issubclass(TrainingInterrupted, SriglError)
-
-
-def test_bench_lists_and_refuses_unknown(capsys):
-    assert main(["bench", "--list"]) == 0
-    listed = capsys.readouterr().out
-    assert "reproduce" in listed
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "no_such_bench"])
-    assert exit_info.value.code == 2 and "unknown benchmarks ['no_such_bench']" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked-dense", "compact"])
 def test_load_trained_model_reproduces_the_final_accuracy(tmp_path, engine):
-    from srigl.data import load_dataset
-    from srigl.train import evaluate, load_trained_model
+    from srigl.app.datasets import load_dataset
+    from srigl.app.metrics import evaluate
+    from srigl.app.train import load_trained_model
 
     run = _train(tmp_path, "--method", "srigl", "--sparsity", "0.9", *engine)
     model, config = load_trained_model(run)
@@ -226,10 +215,6 @@ def test_load_trained_model_reproduces_the_final_accuracy(tmp_path, engine):
 def test_condense_a_trained_srigl_run(tmp_path, capsys, engine):
     import srigl
 
-    try:
-        srigl.save_condensed  # noqa: B018 - availability probe
-    except (ImportError, AttributeError):
-        pytest.skip("srigl.save_condensed not available")
     run = _train(tmp_path, "--method", "srigl", "--sparsity", "0.9", *engine)
     target = tmp_path / "model.safetensors"
     assert main(["condense", str(run), "--out", str(target)]) == 0
@@ -237,12 +222,12 @@ def test_condense_a_trained_srigl_run(tmp_path, capsys, engine):
     assert target.exists() and "condensed" in out
     # The printed call rebuilds the model from the file and the recorded architecture.
     from srigl.io.serialization import read_metadata
-    from srigl.train import load_trained_model
+    from srigl.app.train import load_trained_model
 
     assert read_metadata(target)["model"] == "mlp"
     call = out.split("load it with: ")[1].strip()
     loaded = eval(call, {"srigl": srigl})  # noqa: S307 - the CLI's own output
-    import srigl.models  # noqa: F401 - the printed call names it
+    import srigl.app.models  # noqa: F401 - the printed call names it
 
     masked, _ = load_trained_model(run)
     x = torch.randn(5, 1, 28, 28)  # digits come upscaled to 28 x 28
@@ -262,3 +247,30 @@ def test_python_dash_m_srigl_runs_the_cli():
     assert result.returncode == 0
     for flag in ("--gamma-sal", "--no-ablation", "--t-end-fraction", "--resume", "--config", "--compact"):
         assert flag in result.stdout
+
+
+def _train_flags() -> dict[str, object]:
+    """``{dest: argparse action}`` of ``srigl train``."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions}
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_config_field_has_a_flag_whose_default_is_the_field_default(field):
+    action = _train_flags()[field.name]
+    flag = config_flag(field.name, field.default)
+    assert action.option_strings == [flag]
+    kind = config_fields()[field.name]
+    given = {}
+    if kind is bool:
+        given = vars(build_parser().parse_args(["train", flag]))
+        assert given[field.name] is (not field.default)  # the switch flips the default
+    elif field.default is not None:
+        # Giving the default explicitly is the same run as not giving the flag.
+        value = str(field.default)
+        given = vars(build_parser().parse_args(["train", flag, value]))
+        assert type(given[field.name]) is kind and given[field.name] == field.default
+    not_given = {k: v for k, v in vars(build_parser().parse_args(["train"])).items() if k not in ("handler", "subparser", "command")}
+    assert _merge(not_given) == TrainConfig()  # no flag: every field keeps its dataclass default
+    if given:
+        assert getattr(_merge({field.name: given[field.name]}), field.name) == given[field.name]

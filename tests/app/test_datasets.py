@@ -20,16 +20,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl import data
-from srigl.data import (
+from srigl.app import datasets as data
+from srigl.app.cli import main
+from srigl.app.datasets import builtin
+from srigl.app.datasets import fetch as fetching
+from srigl.app.datasets import (
     CorruptDatasetError,
     DatasetNotFoundError,
     RandomCropFlip,
     UnknownDatasetError,
+    batches,
+    epoch_order,
     list_datasets,
     load_dataset,
     make_loaders,
     read_idx,
+    shard,
 )
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -230,7 +236,7 @@ def test_missing_files_list_every_place_and_how_to_get_them(isolated):
         assert str(directory) in message
     assert "missing t10k-labels-idx1-ubyte" in message
     assert f"looked in {len(data.search_dirs('fashion-mnist', isolated / 'mine'))} places" in message
-    assert "make data" in message and "python -m srigl.data fetch fashion-mnist" in message
+    assert "make data" in message and "srigl data fetch fashion-mnist" in message
 
 
 def test_corrupt_file_is_reported_not_skipped(isolated):
@@ -454,7 +460,7 @@ def test_limits_take_the_first_items(isolated):
 
 def test_digits_are_upsampled_to_28x28():
     train, test, info = load_dataset("digits")
-    assert (len(train), len(test)) == (1797 - data.DIGITS_TEST_SIZE, data.DIGITS_TEST_SIZE)
+    assert (len(train), len(test)) == (1797 - builtin.DIGITS_TEST_SIZE, builtin.DIGITS_TEST_SIZE)
     assert train.images.shape == (1437, 1, 28, 28)
     assert set(test.labels.tolist()) == set(range(10))
     x, _ = make_loaders("digits", batch_size=2000)[0].__iter__().__next__()
@@ -496,6 +502,34 @@ def test_unknown_dataset_lists_choices():
         assert name in str(info.value)
 
 
+# ------------------------------------------------------------------------------------------ data order
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    assert epoch_order(50, 3, 7) == epoch_order(50, 3, 7)
+    assert epoch_order(50, 3, 7) != epoch_order(50, 3, 8)
+    assert epoch_order(50, 3, 7) != epoch_order(50, 4, 7)
+    assert sorted(i for i, _ in epoch_order(50, 0, 0)) == list(range(50))
+
+
+def test_shard_splits_like_a_distributed_sampler():
+    order = list(range(10))
+    parts = [shard(order, rank, 3) for rank in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]  # padded by wrapping to 12
+    assert shard(order, 0, 1) is order
+
+
+def test_fast_batches_equal_the_data_loader():
+    from torch.utils.data import DataLoader
+
+    train_set, _, _ = load_dataset("digits")
+    subset = train_set.head(300)
+    order = epoch_order(len(subset), 0, 1)
+    fast = list(batches(subset, order, 64))
+    slow = list(DataLoader(subset, batch_size=64, sampler=order))
+    assert len(fast) == len(slow) == 5
+    for (x_fast, y_fast), (x_slow, y_slow) in zip(fast, slow):
+        assert torch.equal(x_fast, x_slow) and torch.equal(y_fast, y_slow)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fetcher
 # ---------------------------------------------------------------------------------------------
@@ -503,9 +537,9 @@ def test_unknown_dataset_lists_choices():
 
 def test_fetch_does_nothing_when_present(isolated, monkeypatch):
     write_mnist_like(debian_dir(isolated))
-    monkeypatch.setattr(data, "_run", lambda *a, **k: pytest.fail("fetch must not run commands"))
+    monkeypatch.setattr(fetching, "_run", lambda *a, **k: pytest.fail("fetch must not run commands"))
     lines = []
-    assert data.fetch("fashion-mnist", isolated / "data", log=lines.append) == debian_dir(isolated)
+    assert fetching.fetch("fashion-mnist", isolated / "data", log=lines.append) == debian_dir(isolated)
     assert lines == [f"fashion-mnist already present in {debian_dir(isolated)}; nothing to do"]
     assert not (isolated / "data").exists()
 
@@ -547,7 +581,7 @@ def test_fetch_unpacks_the_debian_package(isolated, monkeypatch, fail_until_upda
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(os, "geteuid", lambda: 0)  # the refresh-and-retry path is for root only
     lines = []
-    target = data.fetch("fashion-mnist", isolated / "out", log=lines.append)
+    target = fetching.fetch("fashion-mnist", isolated / "out", log=lines.append)
     assert target == isolated / "out" / "fashion-mnist"
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{stem}.gz" for stem in IDX_NAMES)
     train, test, _ = load_dataset("fashion-mnist", isolated / "out")
@@ -559,7 +593,7 @@ def test_fetch_unpacks_the_debian_package(isolated, monkeypatch, fail_until_upda
     assert calls == expected
     assert any("apt-get download" in line for line in lines) and lines[-1] == f"fashion-mnist ready in {target}"
     # Idempotent: a second fetch finds the files and runs nothing.
-    data.fetch("fashion-mnist", isolated / "out", log=lines.append)
+    fetching.fetch("fashion-mnist", isolated / "out", log=lines.append)
     assert (isolated / "apt.log").read_text().splitlines() == expected
     assert lines[-1].endswith("nothing to do")
 
@@ -570,7 +604,7 @@ def test_fetch_without_package_lists_and_without_root_says_what_to_do(isolated, 
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(DatasetNotFoundError) as info:
-        data.fetch("fashion-mnist", isolated / "out", log=lambda line: None)
+        fetching.fetch("fashion-mnist", isolated / "out", log=lambda line: None)
     message = str(info.value)
     assert "apt-get download dataset-fashion-mnist failed (exit 100)" in message
     assert "Unable to locate package" in message and "sudo apt-get update" in message
@@ -580,12 +614,12 @@ def test_fetch_without_package_lists_and_without_root_says_what_to_do(isolated, 
 
 
 def test_cli_reports_missing_data_and_exits_1(isolated, capsys):
-    assert data.main(["fetch", "cifar10", "--data-dir", str(isolated / "d")]) == 1
+    assert main(["data", "fetch", "cifar10", "--data-dir", str(isolated / "d")]) == 1
     assert "cifar-10-python.tar.gz" in capsys.readouterr().err
-    assert data.main(["fetch", "digits"]) == 0
+    assert main(["data", "fetch", "digits"]) == 0
     assert "scikit-learn" in capsys.readouterr().out
     write_mnist_like(isolated / "d" / "mnist")
-    assert data.main(["where", "mnist", "--data-dir", str(isolated / "d")]) == 0
+    assert main(["data", "where", "mnist", "--data-dir", str(isolated / "d")]) == 0
     assert f"found: {isolated / 'd' / 'mnist'}" in capsys.readouterr().out
 
 
@@ -604,7 +638,7 @@ def _real_fashion_mnist_dir() -> Path | None:
 @pytest.mark.skipif(
     _real_fashion_mnist_dir() is None,
     reason="Fashion-MNIST not on the search path; run `make data` "
-    "(python -m srigl.data fetch fashion-mnist --data-dir data)",
+    "(srigl data fetch fashion-mnist --data-dir data)",
 )
 def test_real_fashion_mnist():
     train, test, info = load_dataset("fashion-mnist")

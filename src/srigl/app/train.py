@@ -1,0 +1,477 @@
+"""The training run behind ``srigl train``: builders, the loop, resume, and the trained model.
+
+:func:`train` runs one resolved :class:`srigl.app.config.TrainConfig` and writes, into ``config.out``::
+
+    config.toml          the fully resolved config (feed it back with ``--config``)
+    metrics.csv          one row per epoch
+    summary.json         final metrics, per-layer summary (incl. every neuron's fan-in), costs
+    checkpoints/last.pt  written every epoch and at the end; ``--resume RUN_DIR`` continues from it
+    curves.png           learning curves (with ``plot=True``)
+    tb/                  TensorBoard events (only when tensorboard is installed)
+
+Reproducibility: the model is initialised from ``torch.manual_seed(seed)``, masks from the
+sparsifier's own generator seeded with ``seed``, and the order (and augmentation seeds) of epoch
+``e`` is a pure function of ``(seed, e)`` (:func:`srigl.app.datasets.epoch_order`), so a resumed
+run replays exactly the batches the interrupted one would have seen.
+
+Distributed: when ``WORLD_SIZE > 1`` (``torchrun``), the process group is initialised (gloo on CPU,
+nccl on CUDA), the model is wrapped in DDP, each rank trains on its shard of the epoch's order
+(the same strided split a ``DistributedSampler`` makes) and only rank 0 prints and writes files.
+
+Only torch and srigl's core (and the app's config, metrics and FLOP modules) are imported at module
+level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module are imported where
+they are used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from srigl.algorithms import get_algorithm
+from srigl.app import flops
+from srigl.app.config import (
+    METHODS_DENSE,
+    TrainConfig,
+    config_from_mapping,
+    dumps_json,
+    dumps_toml,
+    has_ablation,
+    method_label,
+    resolve_config,
+)
+from srigl.app.metrics import MetricsLog, evaluate, layer_report, neuron_totals, plot_curves
+from srigl.errors import InvalidConfigError, SriglError
+
+# The step schedule divides the learning rate by 5 at these fractions of the post-warm-up steps
+# (RigL's CIFAR recipe: /5 at 30k, 60k, 90k of 97.6k steps).
+STEP_MILESTONES = (0.3, 0.6, 0.9)
+STEP_FACTOR = 0.2
+CHECKPOINT_NAME = "last.pt"
+
+
+# ------------------------------------------------------------------------------------- schedules
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. After it, with
+    ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` in [0, 1):
+    ``cosine``: ``(1 + cos(pi p)) / 2``; ``step``: ``0.2 ** (milestones <= p)`` with milestones
+    0.3, 0.6, 0.9; ``constant``: 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    p = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+    if schedule == "step":
+        return STEP_FACTOR ** sum(p >= m for m in STEP_MILESTONES)
+    return 1.0
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, Nesterov) or AdamW over every parameter of ``model``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
+    total = steps_per_epoch * config.epochs
+    warmup = steps_per_epoch * config.warmup_epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, config.lr_schedule)
+    )
+
+
+def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The sparsifier of ``config.method`` (None for ``dense``)."""
+    if config.method == METHODS_DENSE:
+        return None
+    kwargs: dict[str, Any] = dict(
+        distribution=config.distribution,
+        delta=config.delta,
+        alpha=config.alpha,
+        t_end=int(config.t_end_fraction * total_steps),
+        seed=config.seed,
+        sparse_init=config.sparse_init,
+    )
+    if has_ablation(config.method):
+        kwargs["gamma_sal"] = config.gamma_sal
+        if config.compact:
+            kwargs["compact"] = True
+    return get_algorithm(config.method)(model, optimizer, config.sparsity, total_steps, **kwargs)
+
+
+@torch.no_grad()
+def rescale_to_sparse_fan_in(sparsifier) -> None:
+    """Scale every sparse neuron's initial weights by ``sqrt(dense fan-in / active fan-in)``.
+
+    The models initialise with a standard deviation proportional to ``1 / sqrt(fan_in)`` of the
+    dense layer; with only ``k`` of ``fan_in`` weights active, each pre-activation then has
+    ``k / fan_in`` of the intended variance and the signal vanishes at high sparsity (at 99 % a
+    LeNet-5 does not train at all). Rescaling row ``i`` by ``sqrt(fan_in / k_i)`` restores it:
+    the SRigL reference's sparse Kaiming init (``std = gain / sqrt(k_i)``), for any base init.
+    """
+    for layer in sparsifier.layers:
+        values = getattr(layer.module, "values", None)
+        if isinstance(values, nn.Parameter):
+            # A compact layer (srigl.compact): every stored row holds exactly k = values.shape[1] weights.
+            values.mul_(math.sqrt(layer.fan_in / values.shape[1]))
+            continue
+        rows = layer.n_rows
+        counts = layer.mask.reshape(rows, -1).sum(dim=1)  # (out, fan_in) -> (out,)
+        scale = torch.sqrt(layer.fan_in / counts.clamp(min=1).to(layer.param.dtype))  # (out,)
+        weight = layer.param.view(rows, -1)  # (out, fan_in), a view: scales the parameter in place
+        weight.mul_(scale[:, None])
+
+
+# --------------------------------------------------------------------------------- distributed
+@dataclass
+class Process:
+    """Where this process runs: its rank among ``world`` processes, and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this run initialised the process group (and destroys it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process(device: str = "auto") -> Process:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else run alone."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError("device 'cuda' was asked for but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Process(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Process(dist.get_rank(), dist.get_world_size(), dev, owns_group)
+
+
+def _all_sum(values: list[float], proc: Process) -> list[float]:
+    if proc.world == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=proc.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ------------------------------------------------------------------------------------- the run
+class TrainingInterrupted(SriglError):
+    """Training was interrupted; a checkpoint to resume from was written (its path is in the message)."""
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, Any]:
+    """Run one training run and write its folder (see the module docstring).
+
+    Args:
+        config: the run; resolved with :func:`resolve_config` first.
+        resume: continue from ``<config.out>/checkpoints/last.pt``.
+        log: where progress lines go (rank 0 only).
+
+    Returns:
+        The run's summary (what ``summary.json`` holds); None on ranks other than 0.
+
+    Raises:
+        InvalidConfigError: see :func:`resolve_config`.
+        TrainingInterrupted: on Ctrl-C, after writing a checkpoint to resume from.
+    """
+    from srigl.app import datasets
+    from srigl.app.models import create_model
+
+    cfg = resolve_config(config)
+    proc = init_process(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out)
+    ckpt_dir = run_dir / "checkpoints"
+    say = log if proc.main else (lambda *a, **k: None)
+
+    train_loader, test_loader, info = datasets.make_loaders(
+        cfg.data, cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+        limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+    )
+    train_set, test_set = train_loader.dataset, test_loader.dataset
+    items_per_rank = math.ceil(len(train_set) / proc.world)
+    steps_per_epoch = math.ceil(items_per_rank / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    input_shape = info.input_shape
+
+    torch.manual_seed(cfg.seed)
+    base: nn.Module = create_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(proc.device)
+    optimizer = build_optimizer(cfg, base)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    # The sparsifier comes before DDP: the compact engine swaps modules and parameters, and DDP must
+    # capture the final ones. Every rank draws the same masks (same seed), so replicas stay equal.
+    sparsifier = build_sparsifier(cfg, base, optimizer, total_steps)  # rescales to sparse fan-in (sparse_init)
+    model = base
+    if proc.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        if cfg.compact:
+            # Compact values change shape when ablation changes a layout: the sparsifier keeps them
+            # out of DDP and averages their gradients itself (CompactSRigL.wrap_ddp).
+            model = sparsifier.wrap_ddp(device_ids=device_ids)
+        else:
+            model = DistributedDataParallel(base, device_ids=device_ids)
+
+    start_epoch, start_batch, step = 0, 0, 0
+    carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
+    from srigl.io import checkpoint
+
+    if resume:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is None:
+            raise InvalidConfigError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+        state = checkpoint.load_checkpoint(latest, map_location=proc.device)
+        extra = checkpoint.restore_training_state(state, model, optimizer, sparsifier, scheduler)
+        start_epoch, start_batch, step = int(extra["epoch"]), int(extra["batch"]), int(extra["step"])
+        carry = {k: float(v) for k, v in extra.get("partial", carry).items()}
+        if start_epoch >= cfg.epochs:
+            say(f"{run_dir} already finished all {cfg.epochs} epochs ({latest}); rewriting its summary")
+        else:
+            say(f"resuming {run_dir} from {latest}: epoch {start_epoch + 1}/{cfg.epochs}, batch {start_batch}, step {step}")
+    elif proc.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if proc.main:
+        (run_dir / "config.toml").write_text(dumps_toml(cfg.to_dict()))
+    metrics = MetricsLog(run_dir, keep_epochs=start_epoch if resume else 0) if proc.main else None
+
+    def save(epoch: int, batch: int, partial: Mapping[str, float]) -> Path | None:
+        if not proc.main:
+            return None
+        state = checkpoint.training_state(
+            model, optimizer, sparsifier, scheduler,
+            epoch=epoch, batch=batch, step=step, partial=dict(partial), config=cfg.to_dict(),
+        )
+        path = ckpt_dir / CHECKPOINT_NAME
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_checkpoint(path, state)
+        return path
+
+    show = cfg.progress and proc.main and sys.stderr.isatty()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    model.train()
+    say(
+        f"training {cfg.model} on {cfg.data} ({len(train_set)} train / {len(test_set)} test items), "
+        f"{method_label(cfg.method, cfg.gamma_sal)} at sparsity {cfg.sparsity:g}, {cfg.epochs} epochs x "
+        f"{steps_per_epoch} steps, device {proc.device}" + (f", {proc.world} processes" if proc.world > 1 else "")
+    )
+    epoch_bar = _progress(range(start_epoch, cfg.epochs), show, desc="epochs", initial=start_epoch, total=cfg.epochs)
+    for epoch in epoch_bar:
+        skip = start_batch if epoch == start_epoch else 0
+        if skip == 0:
+            carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
+        started = time.perf_counter()
+        order = datasets.shard(datasets.epoch_order(len(train_set), cfg.seed, epoch), proc.rank, proc.world)
+        # Skipping already-trained batches of a resumed epoch costs nothing: the order is sliced.
+        stream = datasets.batches(train_set, order[skip * cfg.batch_size :], cfg.batch_size)
+        bar = _progress(stream, show, desc=f"epoch {epoch + 1}", total=steps_per_epoch, initial=skip, leave=False)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=proc.device)
+        correct = torch.zeros((), dtype=torch.long, device=proc.device)
+        seen, grown, batch_index = 0, 0, skip
+        try:
+            for images, labels in bar:
+                images, labels = images.to(proc.device), labels.to(proc.device)
+                logits = model(images)
+                loss = criterion(logits, labels)
+                loss.backward()
+                optimizer.step()
+                stats = sparsifier.step() if sparsifier is not None else None
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                batch_index += 1
+                loss_sum += loss.detach().double() * len(labels)
+                correct += (logits.detach().argmax(dim=1) == labels).sum()
+                seen += len(labels)
+                if stats and "layers" in stats:
+                    grown += sum(layer["grown"] for layer in stats["layers"].values())
+                if show and batch_index % 20 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+        except KeyboardInterrupt:
+            partial = {
+                "loss_sum": carry["loss_sum"] + float(loss_sum), "correct": carry["correct"] + int(correct),
+                "seen": carry["seen"] + seen, "grown": carry["grown"] + grown,
+                "seconds": carry["seconds"] + time.perf_counter() - started,
+            }
+            path = save(epoch, batch_index, partial)
+            if metrics is not None:
+                metrics.close()
+            raise TrainingInterrupted(
+                f"interrupted at epoch {epoch + 1}, batch {batch_index}, step {step}; "
+                + (f"checkpoint {path}" if path else "rank 0 writes the checkpoint")
+                + f"; continue with `srigl train --resume {run_dir}`"
+            ) from None
+        totals = _all_sum([carry["loss_sum"] + float(loss_sum), carry["correct"] + int(correct), carry["seen"] + seen], proc)
+        train_loss, train_acc = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+        if proc.main:
+            # Evaluation, metrics and files are rank 0's job; the other ranks go on to the next epoch.
+            test_loss, test_acc = evaluate(base, test_set, cfg.batch_size, proc.device, cfg.label_smoothing)
+            active, neurons = neuron_totals(base, sparsifier, input_shape)
+            n_active_weights = sum(int(m.sum()) for m in sparsifier.masks().values()) if sparsifier is not None else 0
+            grown_total = carry["grown"] + grown
+            row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "global_sparsity": sparsifier.global_sparsity() if sparsifier is not None else 0.0,
+                "active_neurons": active,
+                "active_neuron_fraction": active / max(neurons, 1),
+                "mask_churn": grown_total / n_active_weights if n_active_weights else 0.0,
+                "seconds": carry["seconds"] + time.perf_counter() - started,
+            }
+            if metrics is not None:
+                metrics.append(row)
+            message = (
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} acc {100 * train_acc:.2f} %, "
+                f"test loss {test_loss:.4f} acc {100 * test_acc:.2f} %, active neurons {active}/{neurons}, "
+                f"churn {row['mask_churn']:.3f}, {row['seconds']:.1f} s"
+            )
+            if show:
+                epoch_bar.write(message)
+            else:
+                say(message)
+        save(epoch + 1, 0, {k: 0.0 for k in carry})
+
+    summary = None
+    if proc.main:
+        summary = _finish(cfg, base, sparsifier, input_shape, metrics, run_dir, total_steps, steps_per_epoch, step, proc)
+        metrics.close()
+    if proc.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank leaves before rank 0 has written the run folder
+        if proc.owns_group:
+            dist.destroy_process_group()
+    return summary
+
+
+def _finish(cfg, model, sparsifier, input_shape, metrics, run_dir, total_steps, steps_per_epoch, step, proc) -> dict[str, Any]:
+    """Build the summary; on rank 0 write summary.json and the plot."""
+    rows = metrics.rows if metrics is not None else []
+    last = rows[-1] if rows else {}
+    layers = layer_report(model, sparsifier, input_shape)
+    costs = flops.total(flops.count_costs(model, input_shape))
+    all_dense, all_active = flops.count_parameters(model)
+    active, neurons = neuron_totals(model, sparsifier, input_shape)
+    summary = {
+        "label": method_label(cfg.method, cfg.gamma_sal),
+        "config": cfg.to_dict(),
+        "run": {
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "steps_done": step,
+            "t_end": sparsifier.schedule.t_end if sparsifier is not None else None,
+            "world_size": proc.world,
+            "torch": torch.__version__,
+            "seconds": sum(r["seconds"] for r in rows),
+            "sparsifier": sparsifier.config() if sparsifier is not None else None,
+        },
+        "final": {
+            "epoch": int(last.get("epoch", 0)),
+            "test_acc": last.get("test_acc"),
+            "test_loss": last.get("test_loss"),
+            "train_acc": last.get("train_acc"),
+            "train_loss": last.get("train_loss"),
+            "global_sparsity": sparsifier.global_sparsity() if sparsifier is not None else 0.0,
+            "active_neurons": active,
+            "neurons": neurons,
+            "active_neuron_fraction": active / max(neurons, 1),
+            "all_params_dense": all_dense,
+            "all_params": all_active,
+            **costs,
+        },
+        "layers": layers,
+    }
+    if proc.main:
+        (run_dir / "summary.json").write_text(dumps_json(summary) + "\n")
+        if cfg.plot and rows:
+            plot_curves(rows, run_dir / "curves.png", f"{summary['label']} {cfg.model} {cfg.data} s={cfg.sparsity:g}")
+    return summary
+
+
+def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The masked-dense model saved in a ``srigl train`` checkpoint, with its ``<param>_mask`` buffers.
+
+    Works for both engines: a compact run (``--compact``) is rebuilt as it trained, loaded, and
+    turned back into masked-dense layers (``srigl.compact.to_masked_dense``).
+
+    Args:
+        path: a checkpoint file or a run folder.
+
+    Returns:
+        ``(model, config)``; the model is on the CPU in eval mode.
+
+    Raises:
+        InvalidConfigError: no checkpoint there, or one that ``srigl train`` did not write.
+        srigl.errors.CheckpointError: the file is damaged.
+    """
+    from srigl.io.checkpoint import latest_checkpoint, load_checkpoint
+    from srigl.app.datasets import dataset_info
+    from srigl.app.models import create_model
+
+    found = latest_checkpoint(path)
+    if found is None:
+        raise InvalidConfigError(f"no checkpoint at {str(path)!r}")
+    state = load_checkpoint(found)
+    saved = state.get("extra", {}).get("config")
+    if saved is None:
+        raise InvalidConfigError(f"{found} has no run config in its 'extra' entry; it was not written by `srigl train`")
+    config = config_from_mapping({k: v for k, v in saved.items() if v is not None}, str(found))
+    info = dataset_info(config.data)
+    model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
+    if state.get("sparsifier") is not None:
+        # Rebuild the sparsifier as it trained so that the masks (or compact layouts) land where
+        # they belong; its schedule does not matter here.
+        total_steps = int(state["sparsifier"]["config"]["total_steps"])
+        sparsifier = build_sparsifier(config, model, build_optimizer(config, model), total_steps)
+        sparsifier.load_state_dict(state["sparsifier"])
+        model.load_state_dict(state["model"])
+        sparsifier.remove_hooks()
+        if config.compact:
+            from srigl.compact import to_masked_dense
+
+            to_masked_dense(model)
+    else:
+        model.load_state_dict(state["model"])
+    return model.eval(), config

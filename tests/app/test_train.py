@@ -1,0 +1,67 @@
+"""The training run (:mod:`srigl.app.train`): the LR schedule, the sparse initialisation, and one
+training step of every registered model under every registered algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import srigl
+from srigl.app.config import TrainConfig, resolve_config
+from srigl.app.models import create_model, list_models
+from srigl.app.train import build_optimizer, build_sparsifier, lr_factor, rescale_to_sparse_fan_in
+
+
+# ------------------------------------------------------------------------------------------ LR
+def test_lr_factor_golden():
+    # 10 steps, 2 of warm-up: 0.5, 1.0, then cosine over the remaining 8 steps.
+    assert lr_factor(0, 10, 2, "cosine") == 0.5
+    assert lr_factor(1, 10, 2, "cosine") == 1.0
+    assert lr_factor(2, 10, 2, "cosine") == 1.0
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # halfway through the cosine
+    assert lr_factor(5, 10, 0, "constant") == 1.0
+    # step: x0.2 from 30 %, x0.04 from 60 %, x0.008 from 90 % of the steps.
+    assert [lr_factor(s, 10, 0, "step") for s in (0, 2, 3, 6, 9)] == pytest.approx([1, 1, 0.2, 0.04, 0.008])
+
+
+# ------------------------------------------------------------------------------------------ sparse init
+def test_rescale_to_sparse_fan_in_golden():
+    model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10,
+                     sparse_init=False)
+    rescale_to_sparse_fan_in(sp)
+    # k = 4 of 16 per neuron: active weights become sqrt(16 / 4) = 2, inactive stay 0.
+    weight, mask = model[0].weight, model[0].weight_mask
+    assert torch.equal(weight[mask], torch.full((16,), 2.0))
+    assert torch.equal(weight[~mask], torch.zeros(48))
+
+
+# ------------------------------------------------------------------------------------------ registry x registry
+@pytest.mark.parametrize("algorithm", sorted(srigl.ALGORITHMS))
+@pytest.mark.parametrize("model_name", list_models())
+def test_every_model_trains_one_step_under_every_algorithm(model_name, algorithm):
+    torch.manual_seed(0)
+    model = create_model(model_name, in_channels=1, image_size=28, num_classes=10)
+    config = resolve_config(TrainConfig(data="digits", model=model_name, method=algorithm, sparsity=0.9, delta=1))
+    optimizer = build_optimizer(config, model)
+    # total_steps 4 -> t_end 3: step 1 is a mask update (RigL/SRigL/SET drop and regrow).
+    sp = build_sparsifier(config, model, optimizer, total_steps=4)
+    rescale_to_sparse_fan_in(sp)
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    loss = nn.functional.cross_entropy(model(images), labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    stats = sp.step()
+    optimizer.zero_grad()
+    assert (stats is not None) == (algorithm != "static")
+    assert sp.global_sparsity() == pytest.approx(0.9, abs=0.01)
+    for name, mask in sp.masks().items():
+        weight = model.get_parameter(name)
+        assert not weight[~mask].any(), f"{name} has non-zero weights outside its mask"
+    assert torch.isfinite(nn.functional.cross_entropy(model(images), labels))
