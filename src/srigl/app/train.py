@@ -116,25 +116,18 @@ def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.opt
 
 @torch.no_grad()
 def rescale_to_sparse_fan_in(sparsifier) -> None:
-    """Scale every sparse neuron's initial weights by ``sqrt(dense fan-in / active fan-in)``.
+    """Rescale an existing sparsifier's weights to their sparse fan-in (see
+    :func:`srigl.initial.rescale_to_sparse_fan_in`); the sparsifier itself already does this at
+    construction with ``sparse_init=True``, so this is for one built with ``sparse_init=False``."""
+    from srigl.initial import rescale_to_sparse_fan_in as rescale
 
-    The models initialise with a standard deviation proportional to ``1 / sqrt(fan_in)`` of the
-    dense layer; with only ``k`` of ``fan_in`` weights active, each pre-activation then has
-    ``k / fan_in`` of the intended variance and the signal vanishes at high sparsity (at 99 % a
-    LeNet-5 does not train at all). Rescaling row ``i`` by ``sqrt(fan_in / k_i)`` restores it:
-    the SRigL reference's sparse Kaiming init (``std = gain / sqrt(k_i)``), for any base init.
-    """
     for layer in sparsifier.layers:
         values = getattr(layer.module, "values", None)
         if isinstance(values, nn.Parameter):
             # A compact layer (srigl.compact): every stored row holds exactly k = values.shape[1] weights.
             values.mul_(math.sqrt(layer.fan_in / values.shape[1]))
             continue
-        rows = layer.n_rows
-        counts = layer.mask.reshape(rows, -1).sum(dim=1)  # (out, fan_in) -> (out,)
-        scale = torch.sqrt(layer.fan_in / counts.clamp(min=1).to(layer.param.dtype))  # (out,)
-        weight = layer.param.view(rows, -1)  # (out, fan_in), a view: scales the parameter in place
-        weight.mul_(scale[:, None])
+        rescale(layer.param, layer.mask)
 
 
 # --------------------------------------------------------------------------------- distributed
