@@ -137,8 +137,7 @@ def training_memory(model_name: str, engine: str, sparsity: float) -> dict[str, 
         # gradient per sparse tensor; the compact engine's per-layer input and output gradient, or
         # the dense gradient they form, whichever is smaller. Then the peak of what the update
         # itself allocates (scores, top-k, the compact engine's one-layer dense views and remaps).
-        held = _bytes(sp._dense_grads.values()) + _bytes(getattr(sp, "_folded", {}).values())
-        held += _bytes(t for entries in getattr(sp, "_captured", {}).values() for entry in entries for t in entry)
+        held = _bytes(sp.held_tensors())
         optimizer.step()
         with LiveBytes() as tracker:
             sp.step()

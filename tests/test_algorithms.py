@@ -185,7 +185,7 @@ def test_dense_gradient_is_collected_only_for_update_steps():
     held = []
     for step in range(1, 11):
         model(torch.randn(3, 6)).sum().backward()
-        held.append(bool(sp._dense_grads))
+        held.append(bool(sp.held_tensors()))
         # The optimizer sees only the masked gradient.
         assert torch.all(model[0].weight.grad[~model[0].weight_mask] == 0)
         opt.step()
@@ -336,7 +336,7 @@ def test_gradients_of_dropped_weights_are_masked_at_the_update():
     assert stats is not None and sum(s["grown"] for s in stats["layers"].values()) > 0
     for layer in sp.layers:
         # Before zero_grad: the gradient a later optimizer step would apply is masked already.
-        assert bool((layer.param.grad[~layer.mask] == 0).all()), layer.name
+        assert bool((layer.param.grad[~layer.live_mask] == 0).all()), layer.name
 
 
 def test_summary_prints_as_a_table_and_stays_a_dict():

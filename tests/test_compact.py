@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import srigl
-from srigl.compact import CompactMultiheadAttention, CompactSRigL, CompactTensor, from_masked_dense, to_masked_dense
+from srigl.condensed import CondensedMultiheadAttention as CompactMultiheadAttention
+from srigl.condensed.twins import from_masked_dense, to_masked_dense
+from srigl.storage.compact import CompactParam
 from srigl.condensed import CondensedConv2d, CondensedLinear
 from srigl.app.models import create_model
 from srigl.structures import ConstantFanIn, topk_mask
@@ -64,12 +66,12 @@ def train_step(model, optimizer, sp, x, y, accumulate: int = 1):
 
 
 def dense_weights(sp) -> dict[str, torch.Tensor]:
-    return {layer.name: layer.param.detach().clone() for layer in sp.layers}
+    return {layer.name: layer.dense_view()[0].reshape(layer.shape).clone() for layer in sp.layers}
 
 
 def momentum(sp, layer) -> torch.Tensor:
     """The momentum buffer of ``layer`` as a dense tensor shaped like the weight."""
-    if isinstance(layer, CompactTensor):
+    if isinstance(layer, CompactParam):
         buffer = sp.optimizer.state[layer.module.values]["momentum_buffer"]
         layout = layer.layout()
         return type(layout)(layout.active_rows, layout.indices, buffer, layout.fan_in, layout.out_features,
@@ -135,11 +137,11 @@ def test_compact_run_equals_masked_dense_run(model_name, sparsity, gamma_sal, ac
             updates += 1
             assert stats_compact["layers"] == stats_dense["layers"]
             for layer in compact_sp.layers:
-                if isinstance(layer, CompactTensor):
+                if isinstance(layer, CompactParam):
                     reshaped |= layer.module.values.shape[1] != round((1 - sparsity) * layer.fan_in)
                     ablated |= layer.module.n_active < layer.n_rows
     assert updates >= 3
-    assert compact_sp.layers and any(isinstance(layer, CompactTensor) for layer in compact_sp.layers)
+    assert compact_sp.layers and any(isinstance(layer, CompactParam) for layer in compact_sp.layers)
     if gamma_sal > 0.5:
         assert ablated and reshaped, "the test must exercise ablation and a changed k'"
 
@@ -165,7 +167,7 @@ def test_compact_true_returns_compact_engine_and_rewrites_the_optimizer():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     dense_weight = model[0].weight
     sp = srigl.SRigL(model, optimizer, sparsity=0.8, total_steps=100, compact=True)
-    assert isinstance(sp, CompactSRigL) and isinstance(sp, srigl.SRigL)
+    assert type(sp) is srigl.SRigL and sp.storage == "compact"
     assert isinstance(model[0], CondensedLinear)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert all(any(p is q for p in params) for q in model.parameters())
@@ -192,7 +194,7 @@ def test_attention_becomes_compact_and_what_cannot_stays_masked_dense_with_a_rea
     sp = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8, total_steps=100,
                      compact=True, distribution="uniform", compact_types=(nn.Linear,))
     summary = sp.summary()
-    assert summary["blocks.0.attn.in_proj_weight"]["storage"] == "masked-dense"
+    assert summary["blocks.0.attn.in_proj_weight"]["storage"] == "masked"
     assert summary["blocks.0.attn.in_proj_weight"]["storage_reason"] == "MultiheadAttention not in compact_types"
     assert summary["patch_embed.weight"]["storage_reason"] == "Conv2d not in compact_types"
     assert summary["blocks.0.mlp.0.weight"]["storage"] == "compact"
@@ -549,8 +551,8 @@ def test_dense_gradient_inputs_are_held_only_on_update_steps_and_never_above_the
     for step in range(1, 9):
         nn.functional.cross_entropy(model(x), y).backward()
         for layer in sp.layers:
-            pairs = [entry for entry in sp._captured.get(layer.name, []) if entry[0] is not None]
-            folded = sp._folded.get(layer.name)
+            pairs = [entry for entry in layer._captured if entry[0] is not None]
+            folded = layer._folded
             if step % 4:
                 assert not pairs and folded is None
                 continue
@@ -563,7 +565,7 @@ def test_dense_gradient_inputs_are_held_only_on_update_steps_and_never_above_the
         opt.step()
         sp.step()
         opt.zero_grad()
-        assert not sp._captured and not sp._folded
+        assert not sp.held_tensors()
 
 
 def test_nonfinite_gradient_skips_the_update_like_masked_dense():
@@ -589,10 +591,16 @@ def test_invalid_configurations_raise_named_errors():
         srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact=True,
                     compact_types=(nn.Conv1d,))
 
-    class MySRigL(srigl.SRigL):
+    with pytest.raises(srigl.InvalidConfigError, match="needs the ConstantFanIn structure.*RigL has Unstructured"):
+        srigl.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact=True)
+    with pytest.raises(srigl.InvalidConfigError, match="compact_types applies to compact training only"):
+        srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact_types=(nn.Linear,))
+
+    class MySRigL(srigl.SRigL):  # one engine: a subclass trains compact like SRigL itself
         pass
 
-    with pytest.raises(srigl.InvalidConfigError, match="MySRigL"):
-        MySRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact=True)
+    other = mlp()
+    mine = MySRigL(other, torch.optim.SGD(other.parameters(), lr=0.1), total_steps=10, compact=True)
+    assert type(mine) is MySRigL and isinstance(other[0], CondensedLinear)
     dense = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact=False)
     assert type(dense) is srigl.SRigL

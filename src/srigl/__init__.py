@@ -5,7 +5,7 @@ and kernels are imported lazily on first use. Data, models and the training app 
 :mod:`srigl.app`, which nothing here imports.
 """
 
-from srigl.algorithms import ALGORITHMS, RigL, SET, SRigL, Sparsifier, Static, get_algorithm, register_algorithm
+from srigl.algorithms import ALGORITHMS, RigL, SET, SRigL, Static, get_algorithm, register_algorithm
 from srigl.distributions import erk, uniform
 from srigl.errors import (
     CheckpointError,
@@ -14,6 +14,7 @@ from srigl.errors import (
     InfeasibleSparsityError,
     InvalidConfigError,
     InvalidSparsityError,
+    MaskInvariantError,
     NoSparsifiableLayerError,
     NotConstantFanInError,
     ParameterNotInOptimizerError,
@@ -24,6 +25,7 @@ from srigl.errors import (
 )
 from srigl.schedules import CosineDrop
 from srigl.selection import SparsityPolicy
+from srigl.sparsifier import Sparsifier
 from srigl.structures import NM, ConstantFanIn, Unstructured, topk_mask
 
 __version__ = "0.1.0"
@@ -39,10 +41,8 @@ _LAZY = {
     "fanin_matmul": ("srigl.kernels", "fanin_matmul"),
     "condense_tensor": ("srigl.condensed", "condense_tensor"),
     "register_condenser": ("srigl.condensed", "register_condenser"),
-    "CompactSRigL": ("srigl.compact", "CompactSRigL"),
-    "CompactMultiheadAttention": ("srigl.compact", "CompactMultiheadAttention"),
-    "to_masked_dense": ("srigl.compact", "to_masked_dense"),
-    "from_masked_dense": ("srigl.compact", "from_masked_dense"),
+    "to_masked_dense": ("srigl.condensed.twins", "to_masked_dense"),
+    "from_masked_dense": ("srigl.condensed.twins", "from_masked_dense"),
     "save_checkpoint": ("srigl.io.checkpoint", "save_checkpoint"),
     "load_checkpoint": ("srigl.io.checkpoint", "load_checkpoint"),
     "training_state": ("srigl.io.checkpoint", "training_state"),
@@ -62,7 +62,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ALGORITHMS", "CheckpointError", "CheckpointMismatchError", "ReplicaDivergenceError", "CosineDrop", "ConstantFanIn", "FanInTooSmallError", "InfeasibleSparsityError",
-    "InvalidConfigError", "InvalidSparsityError", "NM", "NoSparsifiableLayerError", "NotConstantFanInError",
+    "InvalidConfigError", "InvalidSparsityError", "MaskInvariantError", "NM", "NoSparsifiableLayerError", "NotConstantFanInError",
     "ParameterNotInOptimizerError", "RigL", "SET", "SRigL", "Sparsifier", "SparsityPolicy", "SriglError",
     "StateDictMismatchError", "Static", "StepOrderError", "Unstructured", "erk", "get_algorithm",
     "register_algorithm", "topk_mask", "uniform", *_LAZY,

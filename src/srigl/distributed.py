@@ -39,6 +39,27 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over the ranks in place (a collective: every rank calls it, in the same
+    order); unchanged without a process group. The one averaging helper of srigl."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective), so that all ranks take the same branch."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return flag
+    # gloo and NCCL both reduce float tensors; MAX of 0/1 is "any".
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (for a single-machine rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -43,7 +43,11 @@ class StateDictMismatchError(SriglError, ValueError):
     """A state dict from another model, sparsity or algorithm was given to `load_state_dict`."""
 
 
-class NotConstantFanInError(SriglError, ValueError):
+class MaskInvariantError(SriglError, RuntimeError):
+    """A mask update broke its structure's invariant (an internal error: please report it)."""
+
+
+class NotConstantFanInError(MaskInvariantError, ValueError):
     """A mask that should have constant fan-in does not."""
 
 

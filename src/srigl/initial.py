@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from srigl.errors import InvalidConfigError, NotConstantFanInError
-from srigl.structures import NM, ConstantFanIn, Structure, Unstructured, topk_mask
+from srigl.errors import InvalidConfigError
+from srigl.structures import Structure, topk_mask
 
 MASK_INITS = ("random", "magnitude", "nonzero")
 
@@ -79,37 +79,7 @@ def nonzero_mask(weight: torch.Tensor, structure: Structure, n: int, name: str) 
     """
     nonzero = weight.detach() != 0  # (out, fan_in)
     n_rows, fan_in = nonzero.shape
-    nnz = int(nonzero.sum())
-    if isinstance(structure, ConstantFanIn):
-        counts = nonzero.sum(dim=1)  # (out,)
-        alive = counts > 0
-        survivors = int(alive.sum())
-        if survivors == 0:
-            raise InvalidConfigError(f"{name}: mask_init='nonzero' found no non-zero weight in {tuple(weight.shape)}")
-        n_keep = min(n_rows * n // survivors, fan_in)
-        if int(counts.max()) > n_keep:
-            raise NotConstantFanInError(
-                f"{name}: mask_init='nonzero' found neurons with up to {int(counts.max())} non-zeros "
-                f"({nnz} in all, {survivors} non-zero neurons), but the target sparsity gives this layer "
-                f"{n_rows * n} weights: fan-in {n_keep} over {survivors} neurons"
-            )
-    elif isinstance(structure, NM):
-        groups = nonzero.reshape(-1, structure.m).sum(dim=1)  # (out * fan_in / m,)
-        n_keep, alive = structure.n, None
-        if int(groups.max()) > structure.n:
-            raise NotConstantFanInError(
-                f"{name}: mask_init='nonzero' found {int((groups > structure.n).sum())} of {groups.numel()} groups "
-                f"of {structure.m} with more than {structure.n} non-zeros (up to {int(groups.max())})"
-            )
-    elif isinstance(structure, Unstructured):
-        n_keep, alive = n, None
-        if nnz > n:
-            raise InvalidConfigError(
-                f"{name}: mask_init='nonzero' found {nnz} non-zeros of {n_rows * fan_in}, "
-                f"but the target sparsity keeps {n}"
-            )
-    else:
-        raise TypeError(f"unknown structure {structure!r}")
+    n_keep, alive = structure.adopt(nonzero, n, name)
     # Non-zeros first (+inf), then the lowest indices (a decreasing score) to top a unit up.
     order = -torch.arange(n_rows * fan_in, dtype=torch.float64).view(n_rows, fan_in)  # (out, fan_in)
     mask = topk_mask(torch.where(nonzero, torch.inf, order), n_keep, structure)

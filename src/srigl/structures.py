@@ -10,6 +10,12 @@ A structure says over which *unit* a mask keeps its top-n entries:
 
 Drop and grow never loop over neurons: callers *lift* scores (``-inf`` for entries that must not be
 chosen, ``+inf`` for entries that must be kept) and call :func:`topk_mask` once.
+
+Each structure also carries its own rules, so the sparsifier asks instead of testing types:
+``unit_view`` (the ``(units, unit_size)`` view top-k runs over), ``min_density`` (the sparsest a tensor
+may be), ``fixed_density`` (N:M fixes it), ``per_unit_after`` (weights per unit after an update,
+given the surviving neurons), ``check_update`` (the invariant every update must keep) and
+``ablatable`` (whether whole neurons may be switched off while the rest keep their quota).
 """
 
 from __future__ import annotations
@@ -20,11 +26,41 @@ from typing import Union
 
 import torch
 
-from srigl.errors import InvalidSparsityError
+from srigl.errors import InvalidConfigError, InvalidSparsityError, MaskInvariantError, NotConstantFanInError
+
+
+class _Rules:
+    """Rules shared by the structures; each structure overrides what differs."""
+
+    #: Whether a neuron may be ablated (all its weights off) while the others keep the per-unit count.
+    ablatable = False
+    #: Whether every active row holds the same number of weights, so a layer can be stored as
+    #: ``(n_active, k)`` values + indices (compact training, condensed layers).
+    condensable = False
+
+    def fixed_density(self) -> float | None:
+        """The density the structure itself imposes (N:M), or None when the target decides."""
+        return None
+
+    def min_density(self, n_rows: int, fan_in: int) -> float:
+        """Smallest density an ``(n_rows, fan_in)`` tensor may get: one weight in the whole tensor."""
+        return 1.0 / (n_rows * fan_in)
+
+    def check_shape(self, n_rows: int, fan_in: int, name: str = "tensor") -> None:
+        """Raise if the structure cannot be laid over an ``(n_rows, fan_in)`` tensor."""
+
+    def check_update(self, name: str, new: torch.Tensor, alive: torch.Tensor, per_unit: int, budget: int) -> None:
+        """Cheap vectorised check of an updated ``(out, fan_in)`` mask: an internal error, never a user's."""
+
+    def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, torch.Tensor | None]:
+        """Whether an existing ``(out, fan_in)`` pattern of non-zeros fits this structure at ``n`` per
+        unit (``mask_init="nonzero"``): ``(per-unit count to keep, surviving rows or None)``, or a
+        named error with the numbers."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Unstructured:
+class Unstructured(_Rules):
     """No constraint on where the kept weights are (RigL, SET)."""
 
     def units(self, n_rows: int, fan_in: int) -> int:
@@ -35,10 +71,33 @@ class Unstructured:
         """Weights kept per unit for a target density (rounded to the nearest integer)."""
         return int(round(density * n_rows * fan_in))
 
+    def unit_view(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``(n_rows, fan_in)`` viewed as ``(units, unit_size)``: here one unit of everything."""
+        return scores.reshape(1, -1)  # (1, n_rows * fan_in)
+
+    def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
+        """Weights each unit keeps after an update with ``n_alive`` surviving neurons: the whole budget."""
+        return budget
+
+    def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, None]:
+        nnz = int(nonzero.sum())
+        if nnz > n:
+            raise InvalidConfigError(
+                f"{name}: mask_init='nonzero' found {nnz} non-zeros of {nonzero.numel()}, but the target sparsity keeps {n}"
+            )
+        return n, None
+
+    def check_update(self, name: str, new: torch.Tensor, alive: torch.Tensor, per_unit: int, budget: int) -> None:
+        if int(new.sum()) != budget:
+            raise MaskInvariantError(f"{name}: {int(new.sum())} active weights after the update, budget {budget}")
+
 
 @dataclass(frozen=True)
-class ConstantFanIn:
+class ConstantFanIn(_Rules):
     """Every active output neuron keeps exactly ``k`` incoming weights (SRigL)."""
+
+    ablatable = True
+    condensable = True
 
     def units(self, n_rows: int, fan_in: int) -> int:
         return n_rows
@@ -46,9 +105,44 @@ class ConstantFanIn:
     def n_per_unit(self, density: float, n_rows: int, fan_in: int) -> int:
         return int(round(density * fan_in))
 
+    def unit_view(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores  # (n_rows, fan_in): one unit per row
+
+    def min_density(self, n_rows: int, fan_in: int) -> float:
+        return 1.0 / fan_in  # one weight per neuron
+
+    def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
+        # k': the layer budget spread over the surviving neurons.
+        return min(budget // n_alive, fan_in)
+
+    def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, torch.Tensor]:
+        # Ablated (all-zero) neurons are allowed: each of the r survivors gets the fan-in the update
+        # itself would give it, k = min(n_rows * n // r, fan_in).
+        n_rows, fan_in = nonzero.shape
+        counts = nonzero.sum(dim=1)  # (out,)
+        alive = counts > 0
+        survivors = int(alive.sum())
+        if survivors == 0:
+            raise InvalidConfigError(f"{name}: mask_init='nonzero' found no non-zero weight in {tuple(nonzero.shape)}")
+        n_keep = min(n_rows * n // survivors, fan_in)
+        if int(counts.max()) > n_keep:
+            raise NotConstantFanInError(
+                f"{name}: mask_init='nonzero' found neurons with up to {int(counts.max())} non-zeros "
+                f"({int(counts.sum())} in all, {survivors} non-zero neurons), but the target sparsity gives this "
+                f"layer {n_rows * n} weights: fan-in {n_keep} over {survivors} neurons"
+            )
+        return n_keep, alive
+
+    def check_update(self, name: str, new: torch.Tensor, alive: torch.Tensor, per_unit: int, budget: int) -> None:
+        counts = new.sum(dim=1)  # (out,)
+        if not bool((counts == torch.where(alive, per_unit, 0)).all()):
+            raise NotConstantFanInError(
+                f"{name}: fan-in after the update is not constant: counts {counts.unique().tolist()} for k'={per_unit}"
+            )
+
 
 @dataclass(frozen=True)
-class NM:
+class NM(_Rules):
     """``n`` of every ``m`` consecutive weights along the fan-in are kept (N:M sparsity)."""
 
     n: int
@@ -65,16 +159,41 @@ class NM:
         # The density of an N:M layer is fixed by the structure itself.
         return self.n
 
+    def fixed_density(self) -> float:
+        return self.n / self.m
+
+    def min_density(self, n_rows: int, fan_in: int) -> float:
+        return self.n / self.m
+
+    def unit_view(self, scores: torch.Tensor) -> torch.Tensor:
+        # Without the shape check a (-1, m) view of e.g. (2, 6) scores with m=4 would build groups
+        # that straddle rows and silently return a mask with no N:M meaning.
+        self.check_shape(*scores.shape, "scores")
+        return scores.reshape(-1, self.m)  # (n_rows * fan_in / m, m)
+
+    def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
+        return self.n
+
+    def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, None]:
+        groups = nonzero.reshape(-1, self.m).sum(dim=1)  # (out * fan_in / m,)
+        if int(groups.max()) > self.n:
+            raise NotConstantFanInError(
+                f"{name}: mask_init='nonzero' found {int((groups > self.n).sum())} of {groups.numel()} groups "
+                f"of {self.m} with more than {self.n} non-zeros (up to {int(groups.max())})"
+            )
+        return self.n, None
+
+    def check_shape(self, n_rows: int, fan_in: int, name: str = "tensor") -> None:
+        if fan_in % self.m != 0:
+            raise InvalidSparsityError(f"{name}: fan-in {fan_in} is not a multiple of m={self.m} for NM({self.n}, {self.m})")
+
 
 Structure = Union[Unstructured, ConstantFanIn, NM]
 
 
 def check_shape(structure: Structure, n_rows: int, fan_in: int, name: str = "tensor") -> None:
     """Raise if ``structure`` cannot be laid over an ``(n_rows, fan_in)`` tensor."""
-    if isinstance(structure, NM) and fan_in % structure.m != 0:
-        raise InvalidSparsityError(
-            f"{name}: fan-in {fan_in} is not a multiple of m={structure.m} for NM({structure.n}, {structure.m})"
-        )
+    structure.check_shape(n_rows, fan_in, name)
 
 
 def _check_n(n: int, unit: int, structure: Structure, shape: torch.Size) -> None:
@@ -100,28 +219,14 @@ def topk_mask(scores: torch.Tensor, n: int, structure: Structure) -> torch.Tenso
     """
     if scores.dim() != 2:
         raise ValueError(f"topk_mask expects a 2-D (n_rows, fan_in) tensor, got shape {tuple(scores.shape)}")
-    n_rows, fan_in = scores.shape
-    if isinstance(structure, Unstructured):
-        flat = scores.reshape(-1)  # (n_rows * fan_in,)
-        _check_n(n, flat.numel(), structure, scores.shape)
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        if n > 0:
-            mask[torch.topk(flat, n, sorted=False).indices] = True
-        return mask.view(n_rows, fan_in)
-    if isinstance(structure, ConstantFanIn):
-        groups = scores  # (n_rows, fan_in): one unit per row
-    elif isinstance(structure, NM):
-        # Without this check a (-1, m) view of e.g. (2, 6) scores with m=4 would build groups that
-        # straddle rows and silently return a mask with no N:M meaning.
-        check_shape(structure, n_rows, fan_in, "scores")
-        groups = scores.reshape(-1, structure.m)  # (n_rows * fan_in / m, m)
-    else:
+    if not isinstance(structure, _Rules):
         raise TypeError(f"unknown structure {structure!r}")
+    groups = structure.unit_view(scores)  # (units, unit_size)
     _check_n(n, groups.shape[1], structure, scores.shape)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     if n > 0:
         mask.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
-    return mask.view(n_rows, fan_in)
+    return mask.view(scores.shape)
 
 
 def fan_in_counts(mask: torch.Tensor) -> torch.Tensor:

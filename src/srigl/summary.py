@@ -34,8 +34,8 @@ class Summary(dict):
             note = [e["structure"]]
             if e.get("ablation"):
                 note.append("ablation")
-            if e.get("storage"):
-                note.append(e["storage"])
+            if e.get("storage") == "compact" or e.get("storage_reason"):
+                note.append(e["storage"])  # masked is the default; said only in a compact run
             rows.append((
                 name, shape, f"{100 * e['sparsity']:.1f} %", f"{fan_in}/{e['dense_fan_in']}",
                 f"{e['active_neurons']}/{e['neurons']}", ", ".join(note),

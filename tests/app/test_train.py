@@ -10,7 +10,7 @@ from torch import nn
 import srigl
 from srigl.app.config import TrainConfig, resolve_config
 from srigl.app.models import create_model, list_models
-from srigl.app.train import build_optimizer, build_sparsifier, lr_factor, rescale_to_sparse_fan_in
+from srigl.app.train import build_optimizer, build_sparsifier, lr_factor
 
 
 # ------------------------------------------------------------------------------------------ LR
@@ -26,14 +26,17 @@ def test_lr_factor_golden():
 
 
 # ------------------------------------------------------------------------------------------ sparse init
-def test_rescale_to_sparse_fan_in_golden():
+@pytest.mark.parametrize("compact", [False, True], ids=["masked", "compact"])
+def test_sparse_init_rescales_to_sparse_fan_in_golden(compact):
     model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.fill_(1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10,
-                     sparse_init=False)
-    rescale_to_sparse_fan_in(sp)
+    sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10, compact=compact)
+    if compact:
+        # k = 4 of 16 per neuron: every stored value becomes sqrt(16 / 4) = 2.
+        assert torch.equal(model[0].values.detach(), torch.full((4, 4), 2.0))
+        return
     # k = 4 of 16 per neuron: active weights become sqrt(16 / 4) = 2, inactive stay 0.
     weight, mask = model[0].weight, model[0].weight_mask
     assert torch.equal(weight[mask], torch.full((16,), 2.0))
@@ -50,7 +53,6 @@ def test_every_model_trains_one_step_under_every_algorithm(model_name, algorithm
     optimizer = build_optimizer(config, model)
     # total_steps 4 -> t_end 3: step 1 is a mask update (RigL/SRigL/SET drop and regrow).
     sp = build_sparsifier(config, model, optimizer, total_steps=4)
-    rescale_to_sparse_fan_in(sp)
     images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3])
     loss = nn.functional.cross_entropy(model(images), labels)

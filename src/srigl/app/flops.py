@@ -14,7 +14,7 @@ tokens of a Linear on ``(B, T, D)``) costs
 because each output position multiplies every active weight by one input value exactly once (for a
 grouped conv ``W.numel()`` already holds only ``in / groups`` inputs per filter). Masks are read from
 the ``<param>_mask`` buffers the sparsifiers leave on the owning module, so counting needs no
-sparsifier; condensed layers (``srigl.condensed``, ``srigl.compact``) count their stored ``values``. Attention's two matrix products, ``Q K^T`` and ``softmax(.) V``, have no weights and
+sparsifier; condensed layers (``srigl.condensed``, compact training) count their stored ``values``. Attention's two matrix products, ``Q K^T`` and ``softmax(.) V``, have no weights and
 count ``2 * T_q * T_k * D`` MACs, dense and sparse alike.
 """
 
@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from srigl import masks
+from srigl.masks import unwrap
 
 COUNTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
@@ -71,12 +74,11 @@ class LayerCost:
 
 
 def _mask_of(module: nn.Module, param_name: str) -> torch.Tensor | None:
-    mask = getattr(module, param_name + "_mask", None)
-    return mask if isinstance(mask, torch.Tensor) else None
+    return masks.get_mask(module, param_name)
 
 
 def _is_condensed(module: nn.Module) -> bool:
-    # srigl.condensed layers (and srigl.compact's training twins) store (n_active, k) ``values`` and
+    # srigl.condensed layers (and the compact training twins) store (n_active, k) ``values`` and
     # can rebuild their dense mask; recognised by that interface so this module imports none of them.
     return isinstance(getattr(module, "values", None), torch.Tensor) and callable(getattr(module, "dense_mask", None))
 
@@ -175,10 +177,9 @@ def count_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
     Returns:
         One :class:`LayerCost` per counted weight, in call order of the forward pass.
     """
-    from srigl.compact import CompactMultiheadAttention  # lazy: compact imports the kernels
+    from srigl.condensed import CondensedMultiheadAttention  # lazy: condensed imports the kernels
 
-    if hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    model = unwrap(model)
     names = {module: name for name, module in model.named_modules()}
     costs: list[LayerCost] = []
 
@@ -187,7 +188,7 @@ def count_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
         if isinstance(module, nn.MultiheadAttention):
             t_q, t_k = _token_counts(args, kwargs, module.batch_first)
             new = _attention_costs(prefix, module, t_q, t_k)
-        elif isinstance(module, CompactMultiheadAttention):
+        elif isinstance(module, CondensedMultiheadAttention):
             # Its in/out projections are compact children counted by their own hooks; only the
             # weight-free attention core is counted here.
             t_q, t_k = _token_counts(args, kwargs, module.batch_first)
@@ -207,7 +208,7 @@ def count_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
 
     counted = [
         m for m in model.modules()
-        if isinstance(m, (*COUNTED_TYPES, CompactMultiheadAttention)) or _is_condensed(m)
+        if isinstance(m, (*COUNTED_TYPES, CondensedMultiheadAttention)) or _is_condensed(m)
     ]
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in counted]
     modes = {m: m.training for m in model.modules()}

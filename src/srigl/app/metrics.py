@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.app import flops
+from srigl.masks import unwrap
 
 METRIC_COLUMNS = (
     "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "global_sparsity",
@@ -57,7 +58,7 @@ def neuron_totals(model: nn.Module, sparsifier, input_shape: tuple[int, ...]) ->
 
 def layer_report(model: nn.Module, sparsifier, input_shape: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """Per weight tensor: the sparsifier's summary (when sparse), its costs, and every neuron's fan-in."""
-    base = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    base = unwrap(model)
     summary = sparsifier.summary() if sparsifier is not None else {}
     report: dict[str, dict[str, Any]] = {}
     for cost in flops.count_costs(base, input_shape):

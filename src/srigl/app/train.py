@@ -114,22 +114,6 @@ def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.opt
     return get_algorithm(config.method)(model, optimizer, config.sparsity, total_steps, **kwargs)
 
 
-@torch.no_grad()
-def rescale_to_sparse_fan_in(sparsifier) -> None:
-    """Rescale an existing sparsifier's weights to their sparse fan-in (see
-    :func:`srigl.initial.rescale_to_sparse_fan_in`); the sparsifier itself already does this at
-    construction with ``sparse_init=True``, so this is for one built with ``sparse_init=False``."""
-    from srigl.initial import rescale_to_sparse_fan_in as rescale
-
-    for layer in sparsifier.layers:
-        values = getattr(layer.module, "values", None)
-        if isinstance(values, nn.Parameter):
-            # A compact layer (srigl.compact): every stored row holds exactly k = values.shape[1] weights.
-            values.mul_(math.sqrt(layer.fan_in / values.shape[1]))
-            continue
-        rescale(layer.param, layer.mask)
-
-
 # --------------------------------------------------------------------------------- distributed
 @dataclass
 class Process:
@@ -238,7 +222,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
         device_ids = [proc.device.index] if proc.device.type == "cuda" else None
         if cfg.compact:
             # Compact values change shape when ablation changes a layout: the sparsifier keeps them
-            # out of DDP and averages their gradients itself (CompactSRigL.wrap_ddp).
+            # out of DDP and averages their gradients itself (Sparsifier.wrap_ddp).
             model = sparsifier.wrap_ddp(device_ids=device_ids)
         else:
             model = DistributedDataParallel(base, device_ids=device_ids)
@@ -427,7 +411,7 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The masked-dense model saved in a ``srigl train`` checkpoint, with its ``<param>_mask`` buffers.
 
     Works for both engines: a compact run (``--compact``) is rebuilt as it trained, loaded, and
-    turned back into masked-dense layers (``srigl.compact.to_masked_dense``).
+    turned back into masked-dense layers (``srigl.condensed.twins.to_masked_dense``).
 
     Args:
         path: a checkpoint file or a run folder.
@@ -462,7 +446,7 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         model.load_state_dict(state["model"])
         sparsifier.remove_hooks()
         if config.compact:
-            from srigl.compact import to_masked_dense
+            from srigl.condensed.twins import to_masked_dense
 
             to_masked_dense(model)
     else:

@@ -3,7 +3,7 @@
 ``nn.MultiheadAttention`` reads its projections as raw tensors, so they cannot be swapped one by one;
 this module re-implements its forward over two projection *modules*, each a
 :class:`~srigl.condensed.layers.CondensedLinear` when its tensor is constant fan-in. Shared by
-:func:`srigl.condensed.condense` (inference) and compact training (:mod:`srigl.compact`), which also
+:func:`srigl.condensed.condense` (inference) and compact training (:mod:`srigl.storage.compact`), which also
 share :func:`why_attention_not_condensable` and :func:`masked_dense_twin`.
 """
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srigl.masks import get_mask, set_mask
 from srigl.condensed.layers import CondensedLinear
 from srigl.errors import InvalidConfigError
 
@@ -34,7 +35,7 @@ def masked_dense_twin(module: nn.Module, dense_type: type[nn.Module] | None = No
     if module.bias is not None:
         dense.bias = module.bias
     dense.weight.requires_grad_(module.values.requires_grad)
-    dense.register_buffer("weight_mask", module.dense_mask().view_as(dense.weight), persistent=False)
+    set_mask(dense, "weight", module.dense_mask().view_as(dense.weight))
     return dense
 
 
@@ -59,7 +60,7 @@ class CondensedMultiheadAttention(nn.Module):
     ``in_proj`` maps ``E -> 3E`` (the rows of ``in_proj_weight``: q, then k, then v) and ``out_proj``
     ``E -> E``. Each is a :class:`CondensedLinear` when its tensor is sparse with constant fan-in,
     else an ``nn.Linear`` holding the original Parameters. :func:`srigl.condensed.condense` uses it for inference and
-    :class:`srigl.compact.CompactSRigL` (as ``CompactMultiheadAttention``) for compact training.
+    compact storage (:mod:`srigl.storage.compact`) for compact training.
     ``forward`` computes what ``nn.MultiheadAttention.forward`` computes, with the same arguments:
     batch-first or not, unbatched inputs, ``key_padding_mask`` and ``attn_mask`` (bool or float),
     ``need_weights``, ``average_attn_weights``, ``is_causal``. Self-attention (``query is key is value``) projects
@@ -139,11 +140,11 @@ class CondensedMultiheadAttention(nn.Module):
             mha.in_proj_bias = in_proj.bias
         if isinstance(out_proj, CondensedLinear):
             mha.out_proj = masked_dense_twin(out_proj, nn.modules.linear.NonDynamicallyQuantizableLinear)
-            masks["out_proj.weight"] = mha.out_proj.weight_mask
+            masks["out_proj.weight"] = get_mask(mha.out_proj, "weight")
         else:
             mha.out_proj = out_proj
         if "in_proj_weight" in masks:
-            mha.register_buffer("in_proj_weight_mask", masks["in_proj_weight"], persistent=False)
+            set_mask(mha, "in_proj_weight", masks["in_proj_weight"])
         return mha, masks
 
     def forward(
@@ -220,7 +221,7 @@ class CondensedMultiheadAttention(nn.Module):
 def why_attention_not_condensable(mha: nn.MultiheadAttention, parent: nn.Module | None) -> str | None:
     """Why ``mha`` (child of ``parent``) cannot become a :class:`CondensedMultiheadAttention`, or None.
 
-    Used by :func:`srigl.condensed.condense` and by compact training (:mod:`srigl.compact`) alike.
+    Used by :func:`srigl.condensed.condense` and by compact training (:mod:`srigl.storage.compact`) alike.
     """
     if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
         return "MultiheadAttention with kdim/vdim != embed_dim, bias_k/bias_v or add_zero_attn"

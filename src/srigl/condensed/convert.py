@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from srigl.masks import get_mask
 from srigl.condensed.attention import CondensedMultiheadAttention, why_attention_not_condensable
 from srigl.condensed.layers import CONDENSERS
 from srigl.condensed.surgery import _Layer, _remove_ablated
@@ -40,7 +41,7 @@ def _collect_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> t
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             fqn = _fqn(module_name, param_name)
-            buffered = module._buffers.get(f"{param_name}_mask")
+            buffered = get_mask(module, param_name)
             if fqn not in found and buffered is not None:
                 found[fqn] = buffered
     notes = []

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srigl.masks import get_mask
 from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
 from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.dispatch import place_active_rows
@@ -46,7 +47,7 @@ def _mask_of(module: nn.Module, mask: torch.Tensor | None) -> tuple[torch.Tensor
     """The mask to condense ``module.weight`` with: given, else ``weight_mask`` buffer, else ``weight != 0``."""
     if mask is not None:
         return mask, "given"
-    buffered = getattr(module, "weight_mask", None)
+    buffered = get_mask(module, "weight")
     if isinstance(buffered, torch.Tensor):
         return buffered, "buffer"
     return module.weight.detach() != 0, "weight != 0"

@@ -19,6 +19,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from srigl.masks import get_mask, set_mask
 from srigl.condensed.layers import _pad_amounts
 
 
@@ -162,8 +163,8 @@ def _keep_rows(module: nn.Module, layer: _Layer | None, keep: torch.Tensor) -> N
 
 def _refresh_mask_buffer(module: nn.Module, mask: torch.Tensor) -> None:
     # A layer left dense keeps its (non-persistent) mask buffer, which must match the sliced weight.
-    if isinstance(module._buffers.get("weight_mask"), torch.Tensor):
-        module.weight_mask = mask
+    if isinstance(get_mask(module, "weight"), torch.Tensor):
+        set_mask(module, "weight", mask)
 
 
 def _drop_inputs(consumer: nn.Module, layer: _Layer, keep_cols: torch.Tensor, fold: torch.Tensor) -> None:

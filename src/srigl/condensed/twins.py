@@ -6,7 +6,7 @@ for its twin in :data:`COMPACT_TWINS` (the condensed layers of :mod:`srigl.conde
 them back, with the ``<param>_mask`` buffers the masked-dense sparsifier keeps. Unlike
 :func:`srigl.condensed.condense` (inference), a compact twin keeps the original bias Parameters,
 keeps ablated neurons in place and accepts a state dict whose layout changed during training, so an
-optimizer and a checkpoint stay valid. :class:`srigl.compact.CompactSRigL` converts with the helpers
+optimizer and a checkpoint stay valid. compact storage (:mod:`srigl.storage.compact`) converts with the helpers
 here (:func:`_convert`, :func:`_why_not_compact`, :func:`_unit_of`).
 """
 
@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from srigl.masks import get_mask
 from srigl.condensed.attention import CondensedMultiheadAttention, masked_dense_twin, why_attention_not_condensable
 from srigl.condensed.layers import CONDENSERS, CondensedConv2d, CondensedLinear
 from srigl.errors import InvalidConfigError
@@ -24,7 +25,7 @@ from srigl.errors import InvalidConfigError
 __all__ = ["COMPACT_TWINS", "from_masked_dense", "to_masked_dense"]
 
 # Dense module type -> its compact training twin: the condensers of the two layer types whose dense
-# gradient compact training can form (srigl.compact._dense_grad), and the attention. A snapshot, so
+# gradient compact training can form (srigl.storage.compact.dense_weight_grad), and the attention. A snapshot, so
 # a condenser registered later for another type does not become trainable in compact form by
 # accident. Exact types only: a Linear subclass such as the out_proj of nn.MultiheadAttention is
 # read as a raw tensor by its owner, so it is converted with its owner, never alone.
@@ -93,7 +94,7 @@ def _masks_of(module: nn.Module) -> dict[str, torch.Tensor]:
     for local in _SPARSE_TENSORS.get(type(module), ()):
         owner_name, _, param_name = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        mask = owner._buffers.get(param_name + "_mask")
+        mask = get_mask(owner, param_name)
         if mask is not None:
             masks[local] = mask
     return masks
@@ -119,7 +120,7 @@ def from_masked_dense(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
         ``{module name: compact module}`` for every swapped module. Biases (and unmasked weights of
         an attention) stay the original Parameters; each compact ``values`` is a new Parameter (an
         optimizer built before the call still holds the dense weights: build it after, or let
-        :class:`srigl.compact.CompactSRigL` convert it).
+        compact storage convert it).
 
     Raises:
         srigl.errors.MaskError: a mask with the wrong shape, or a weight nonzero outside its mask.
@@ -172,7 +173,7 @@ def to_masked_dense(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, _COMPACT_LAYERS) and module_name:
             dense = masked_dense_twin(module)
             model.set_submodule(module_name, dense)
-            masks[f"{module_name}.weight"] = dense.weight_mask
+            masks[f"{module_name}.weight"] = get_mask(dense, "weight")
     return masks
 
 

@@ -49,16 +49,15 @@ from torch import nn
 
 from srigl.errors import CheckpointError, CheckpointMismatchError
 from srigl.io.atomic import atomic_write
+from srigl.masks import unwrap
 
 FORMAT = "srigl.checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 
-# Sparsifier settings that decide what the saved masks mean: a different value is refused. The
-# schedule settings (delta, alpha, t_end, total_steps, seed) may change on resume, with a warning,
-# so that a run can be extended deliberately.
-_STRICT_SPARSIFIER_KEYS = ("algorithm", "sparsity", "distribution", "structure", "gamma_sal", "erk_power", "compact")
+# What the saved masks mean is checked by the sparsifier itself (Sparsifier.check_state_dict). The
+# schedule settings may change on resume, with a warning, so that a run can be extended deliberately.
 _SCHEDULE_KEYS = ("delta", "alpha", "t_end", "total_steps", "seed")
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -71,24 +70,13 @@ _BASES = (str, int, float)
 
 
 # ---------------------------------------------------------------------- building a state
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers (checkpoints stay portable)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{state_dict key: {"shape": [...], "dtype": "torch.float32"}}`` of the (unwrapped) model.
 
     Covers parameters and persistent buffers (what ``load_state_dict`` loads); srigl's masks are
     non-persistent buffers and belong to the sparsifier state instead.
     """
-    return {name: _describe_tensor(t) for name, t in _unwrap(model).state_dict().items()}
+    return {name: _describe_tensor(t) for name, t in unwrap(model).state_dict().items()}
 
 
 def _describe_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -209,7 +197,7 @@ def training_state(
     """
     import srigl
 
-    module = _unwrap(model)
+    module = unwrap(model)
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -345,11 +333,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 def _compact_prefixes(state: Mapping[str, Any], sparsifier: Any) -> tuple[str, ...]:
     """Module prefixes whose tensor shapes the sparsifier itself sets (compact layouts change in training).
 
-    A compact SRigL layer stores ``(n_active, k)`` values and indices; ablation and revival change
-    that shape during the run, so a freshly built model differs from the saved one there. The
+    A compact layer stores ``(n_active, k)`` values and indices; ablation and revival change that
+    shape during the run, so a freshly built model differs from the saved one there. The
     sparsifier's own ``load_state_dict`` checks those layouts and resizes the layers.
     """
-    if sparsifier is None or not getattr(sparsifier, "is_compact", False) or state.get("sparsifier") is None:
+    if sparsifier is None or not isinstance(state.get("sparsifier"), Mapping):
         return ()
     return tuple(name.rpartition(".")[0] + "." for name in state["sparsifier"].get("layouts", {}))
 
@@ -411,26 +399,8 @@ def _check_sparsifier(state: Mapping[str, Any], sparsifier: Any, module: nn.Modu
         raise CheckpointMismatchError("the sparsifier given is attached to another model than the one given")
     if sparsifier.optimizer is not optimizer:
         raise CheckpointMismatchError("the sparsifier given is attached to another optimizer than the one given")
-    mine, theirs = sparsifier.config(), saved.get("config", {})
-    for key in _STRICT_SPARSIFIER_KEYS:
-        if mine.get(key) != theirs.get(key):
-            raise CheckpointMismatchError(
-                f"checkpoint was saved with {key}={theirs.get(key)!r}, this sparsifier has {key}={mine.get(key)!r}"
-            )
-    if getattr(sparsifier, "is_compact", False):
-        _warn_schedule_change(mine, theirs)
-        return  # compact layouts are checked by its own load_state_dict, before it changes anything
-    names = {layer.name: tuple(layer.mask.shape) for layer in sparsifier.layers}
-    masks = saved.get("masks", {})
-    if set(names) != set(masks):
-        raise CheckpointMismatchError(
-            f"checkpoint masks other tensors: missing {sorted(set(names) - set(masks))[:8]}, "
-            f"unexpected {sorted(set(masks) - set(names))[:8]}"
-        )
-    shapes = [f"{n}: checkpoint {tuple(masks[n].shape)} vs model {s}" for n, s in names.items() if tuple(masks[n].shape) != s]
-    if shapes:
-        raise CheckpointMismatchError(f"checkpoint masks have other shapes: {shapes[:8]}")
-    _warn_schedule_change(mine, theirs)
+    sparsifier.check_state_dict(saved, CheckpointMismatchError, what="checkpoint")
+    _warn_schedule_change(sparsifier.config(), saved.get("config", {}))
 
 
 def _warn_schedule_change(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> None:
@@ -513,7 +483,7 @@ def restore_training_state(
             none was given (or the reverse).
     """
     _check_format(state, "state")
-    module = _unwrap(model)
+    module = unwrap(model)
     flexible = _compact_prefixes(state, sparsifier)
     _check_model(state, module, flexible)
     _check_sparsifier(state, sparsifier, module, optimizer)
