@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
         summary = json.loads((run_dir / "summary.json").read_text())
         model, config = load_trained_model(run_dir)
-        condensed, report = srigl.condense(model)
+        condensed, report = srigl.condense(model, return_report=True)
         input_shape = (1, 28, 28)
         x = torch.randn(64, *input_shape)
         with torch.no_grad():

@@ -1,13 +1,18 @@
-"""The training run (:mod:`srigl.app.train`): the LR schedule, the sparse initialisation, and one
-training step of every registered model under every registered algorithm."""
+"""The training run (:mod:`srigl.app.train`): the LR schedule, the sparse initialisation, one
+training step of every registered model under every registered algorithm, and the same starting
+point from ``srigl train`` as from the Python API."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import srigl
+from srigl.app import train as train_module
+from srigl.app.cli import main
 from srigl.app.config import TrainConfig, resolve_config
 from srigl.app.models import create_model, list_models
 from srigl.app.train import build_optimizer, build_sparsifier, lr_factor
@@ -67,3 +72,37 @@ def test_every_model_trains_one_step_under_every_algorithm(model_name, algorithm
         weight = model.get_parameter(name)
         assert not weight[~mask].any(), f"{name} has non-zero weights outside its mask"
     assert torch.isfinite(nn.functional.cross_entropy(model(images), labels))
+
+
+# ------------------------------------------------------------------------------------------ CLI = API
+@pytest.mark.parametrize("method", sorted(srigl.ALGORITHMS))
+def test_cli_and_python_api_start_from_the_same_weights_and_masks(tmp_path, monkeypatch, method):
+    # What `srigl train` builds, caught as its sparsifier is made (before any training step).
+    started = {}
+
+    def build_and_record(config, model, optimizer, total_steps):
+        sparsifier = build_sparsifier(config, model, optimizer, total_steps)
+        started.update(weights=copy.deepcopy(model.state_dict()), masks=copy.deepcopy(sparsifier.masks()),
+                       config=sparsifier.config(), total_steps=total_steps)
+        return sparsifier
+
+    monkeypatch.setattr(train_module, "build_sparsifier", build_and_record)
+    assert main(["train", "--data", "digits", "--model", "mlp", "--method", method, "--sparsity", "0.9",
+                 "--seed", "3", "--epochs", "1", "--limit-train", "128", "--limit-test", "64",
+                 "--batch-size", "64", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+
+    # The README's way, with the same seed and step count and every other argument at its default.
+    torch.manual_seed(3)
+    model = create_model("mlp", in_channels=1, image_size=28, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = srigl.ALGORITHMS[method](model, optimizer, sparsity=0.9, total_steps=started["total_steps"], seed=3)
+
+    assert sparsifier.config() == started["config"]  # the CLI's defaults are the API's
+    weights = model.state_dict()
+    assert weights.keys() == started["weights"].keys()
+    for name, weight in weights.items():
+        assert torch.equal(weight, started["weights"][name]), name
+    masks = sparsifier.masks()
+    assert masks.keys() == started["masks"].keys() and masks
+    for name, mask in masks.items():
+        assert torch.equal(mask, started["masks"][name]), name

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import srigl
 from srigl.condensed import (
     CondensedMultiheadAttention,
     CONDENSERS,
@@ -197,11 +198,31 @@ def test_large_fan_in_uses_int32_indices():
 # --------------------------------------------------------------------------- whole models
 
 
+def test_condense_returns_the_model_and_the_report_only_on_request():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8, total_steps=10)
+    model.eval()
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        expected, actual = model(x), srigl.condense(model)(x)  # the model itself, not a tuple
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(srigl.condense(model), nn.Module)
+
+    pair = srigl.condense(model, return_report=True)
+    assert isinstance(pair, tuple) and len(pair) == 2
+    condensed, report = pair
+    assert isinstance(condensed, nn.Module) and isinstance(report, dict)
+    assert set(report["layers"]) == {"0", "2"}
+    assert [type(m) for m in condensed] == [CondensedLinear, nn.ReLU, CondensedLinear]
+    assert_same_outputs(model, condensed, x)
+
+
 def test_condense_sequential_mlp_removes_ablated_neurons():
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 5)))
     x = torch.randn(8, 20)
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert_same_outputs(model, condensed.eval(), x)
     assert [type(m) for m in condensed] == [CondensedLinear, nn.ReLU, nn.Dropout, CondensedLinear, nn.GELU, CondensedLinear]
     first, second, last = report["layers"]["0"], report["layers"]["3"], report["layers"]["5"]
@@ -219,7 +240,7 @@ def test_condense_cnn_removes_across_conv_bn_flatten():
     torch.manual_seed(0)
     model = sparsify(SmallCNN(), ablated=0.3)
     x = torch.randn(2, 3, 17, 17)
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert_same_outputs(model, condensed, x)
     removals = {(r["producer"], r["consumer"]) for r in report["removals"]}
     assert ("features.0", "features.3") in removals and ("features.3", "features.6") in removals
@@ -240,7 +261,7 @@ def test_zero_padded_consumer_keeps_ablated_channels_with_nonzero_constant():
         conv1.bias.copy_(torch.tensor([0.1, 2.0, -1.0]))
     conv1.register_buffer("weight_mask", mask1, persistent=False)
     x = torch.randn(1, 2, 5, 5)
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert_same_outputs(model, condensed, x)
     assert report["layers"]["0"]["removed_neurons"] == 1
     assert report["layers"]["0"]["ablated_neurons"] == 1
@@ -259,7 +280,7 @@ def test_custom_module_with_functional_relu():
 
     model = sparsify(MLP(), skip=("fc",))
     x = torch.randn(5, 3, 4)
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert_same_outputs(model, condensed, x)
     assert report["layers"]["fc1"]["removed_neurons"] > 0 and report["layers"]["fc2"]["removed_neurons"] > 0
     assert report["layers"]["fc"]["kind"] == "dense" and "no mask" in report["layers"]["fc"]["reason"]
@@ -274,7 +295,7 @@ def test_condense_converts_attention_projections(batch_first, batch):
     generator = torch.Generator().manual_seed(2)
     masks = _mask_attention(model, generator)
     x = torch.randn(batch, 5, 16) if batch_first else torch.randn(5, batch, 16)
-    condensed, report = condense(model, masks)
+    condensed, report = condense(model, masks, return_report=True)
     assert_same_outputs(model, condensed, x)
     assert type(condensed.attn) is CondensedMultiheadAttention
     assert type(condensed.attn.in_proj) is CondensedLinear and type(condensed.attn.out_proj) is CondensedLinear
@@ -296,7 +317,7 @@ def test_condense_attention_with_one_masked_projection_keeps_the_other_dense():
     masks["attn.out_proj.weight"] = torch.rand(8, 8, generator=generator) < 0.4  # not constant fan-in
     with torch.no_grad():
         model.attn.out_proj.weight.mul_(masks["attn.out_proj.weight"])
-    condensed, report = condense(model, masks)
+    condensed, report = condense(model, masks, return_report=True)
     assert_same_outputs(model, condensed, torch.randn(3, 4, 8))
     assert type(condensed.attn.in_proj) is CondensedLinear
     assert type(condensed.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
@@ -308,7 +329,7 @@ def test_condense_leaves_attention_inside_transformer_layers_dense():
     model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)).eval()
     generator = torch.Generator().manual_seed(4)
     masks = _mask_attention(model, generator)
-    condensed, report = condense(model, masks)
+    condensed, report = condense(model, masks, return_report=True)
     assert_same_outputs(model, condensed, torch.randn(2, 5, 8))
     assert type(condensed[0].self_attn) is nn.MultiheadAttention
     assert "TransformerEncoderLayer" in report["layers"]["0.self_attn"]["reason"]
@@ -337,7 +358,7 @@ def test_condense_leaves_dense_what_cannot_be_condensed():
         model.mlp[0].weight.mul_(masks["mlp.0.weight"])
         model.mlp[2].weight.mul_(masks["mlp.2.weight"])
     x = torch.randn(2, 5, 8)
-    condensed, report = condense(model, masks)
+    condensed, report = condense(model, masks, return_report=True)
     assert_same_outputs(model, condensed, x)
     assert report["mask_source"] == "masks"
     assert "in_proj_weight" in report["layers"]["attn"]["reason"] and "not constant fan-in" in report["layers"]["attn"]["reason"]
@@ -352,7 +373,7 @@ def test_condense_without_masks_reads_nonzero_weights_and_notes_it():
     model = sparsify(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)))
     for module in model:
         module._buffers.pop("weight_mask", None)
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert report["mask_source"] == "weight != 0" and "weight != 0" in report["notes"][0]
     assert_same_outputs(model, condensed, torch.randn(3, 10))
 
@@ -361,12 +382,12 @@ def test_condense_copies_unless_inplace_and_can_keep_ablated():
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)))
     before = [p.clone() for p in model.parameters()]
-    condensed, report = condense(model, remove_ablated=False)
+    condensed, report = condense(model, remove_ablated=False, return_report=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert report["removals"] == [] and report["layers"]["0"]["shape_after"] == [8, 10]
     assert_same_outputs(model, condensed, torch.randn(3, 10))
     reference = copy.deepcopy(model)
-    same, _ = condense(model, inplace=True)
+    same = condense(model, inplace=True)
     assert same is model
     assert_same_outputs(reference, same, torch.randn(3, 10))
 

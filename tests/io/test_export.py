@@ -30,7 +30,7 @@ def _assert_onnx_matches(model, condensed, input_shape, path):
 def test_condensed_mlp_exports_with_ablated_output_rows(tmp_path):
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 5)))
-    condensed, _ = condense(model)
+    condensed = condense(model)
     assert condensed[4].n_active < 5  # the output layer keeps ablated rows: exercises the scatter
     condensed.train()
     _assert_onnx_matches(model, condensed, (2, 20), tmp_path / "mlp.onnx")
@@ -44,7 +44,7 @@ def test_condensed_cnn_exports_grouped_depthwise_and_padding_modes(tmp_path):
         nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect"), nn.ReLU(),
         nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 3),
     ))
-    condensed, _ = condense(model)
+    condensed = condense(model)
     assert [type(m) for m in condensed if type(m) in (CondensedConv2d, CondensedLinear)] == [CondensedConv2d] * 3 + [CondensedLinear]
     _assert_onnx_matches(model, condensed, (2, 4, 8, 8), tmp_path / "cnn.onnx")
 
@@ -53,6 +53,6 @@ def test_condensed_attention_block_exports(tmp_path):
     torch.manual_seed(0)
     model = _AttentionBlock(dim=16, heads=4).eval()
     masks = _mask_attention(model, torch.Generator().manual_seed(6))
-    condensed, _ = condense(model, masks)
+    condensed = condense(model, masks)
     assert type(condensed.attn) is CondensedMultiheadAttention and condensed.attn.in_proj.n_active < 48
     _assert_onnx_matches(model, condensed, (2, 5, 16), tmp_path / "attn.onnx")

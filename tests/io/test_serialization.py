@@ -65,7 +65,7 @@ def _condensed_attention_block():
     torch.manual_seed(0)
     model = _AttentionBlock(dim=16, heads=4).eval()
     masks = _mask_attention(model, torch.Generator().manual_seed(5))
-    return condense(model, masks)[0]
+    return condense(model, masks)
 
 
 def test_condensed_attention_round_trip(tmp_path):
@@ -104,7 +104,7 @@ def test_condensed_cnn_round_trip_without_python_objects(tmp_path):
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4),
     ))
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     assert report["removals"]
     path = save_condensed(condensed, tmp_path / "cnn.safetensors", metadata={"model": "cnn", "sparsity": 0.7})
     loaded = load_condensed(path)
@@ -119,7 +119,7 @@ def test_file_size_is_proportional_to_density(tmp_path):
     model = sparsify(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)),
                      density=0.1, ablated=0.0)
     dense_size = save_condensed(model, tmp_path / "dense.safetensors").stat().st_size
-    condensed, _ = condense(model)
+    condensed = condense(model)
     sparse_size = save_condensed(condensed, tmp_path / "sparse.safetensors").stat().st_size
     # 10 % of the weights at 4 (value) + 2 (int16 index) bytes each, against 4 bytes per dense weight.
     assert sparse_size <= 0.2 * dense_size
@@ -129,7 +129,7 @@ def test_file_size_is_proportional_to_density(tmp_path):
 def test_custom_model_needs_a_skeleton(tmp_path):
     torch.manual_seed(0)
     model = sparsify(SmallCNN(), ablated=0.3)
-    condensed, _ = condense(model)
+    condensed = condense(model)
     path = save_condensed(condensed, tmp_path / "cnn.safetensors")
     with pytest.raises(SkeletonRequiredError, match="sparse_models.SmallCNN"):
         load_condensed(path)
@@ -195,7 +195,7 @@ def test_every_registry_model_round_trips_with_a_skeleton(model_name, tmp_path):
     model = create_model(model_name, num_classes=10, **kwargs)
     srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.9, total_steps=10)
     model.eval()
-    condensed, _ = condense(model)
+    condensed = condense(model)
     path = save_condensed(condensed, tmp_path / f"{model_name}.safetensors")
     torch.manual_seed(1)  # the skeleton's own weights must not matter
     loaded = load_condensed(path, model=create_model(model_name, num_classes=10, **kwargs)).eval()

@@ -183,7 +183,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         parser.error(f"{args['checkpoint']} is a dense run; nothing to condense")
     from srigl.app.datasets import dataset_info
 
-    condensed, report = condense(model)
+    condensed, report = condense(model, return_report=True)
     info = dataset_info(config.data)
     # What rebuilds the architecture (the skeleton load_condensed needs for models with custom blocks).
     skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,

@@ -14,7 +14,8 @@ masked dense layer computes.
 * :mod:`~srigl.condensed.surgery`: removal of ablated neurons across layers (``torch.fx``).
 * :mod:`~srigl.condensed.convert`: :func:`condense` copies a model, removes ablated neurons together
   with the next layer's matching inputs where the graph allows it, swaps every constant fan-in layer
-  for its condensed twin and returns a plain-dict report.
+  for its condensed twin and returns the condensed model (with ``return_report=True`` also a
+  plain-dict report).
 * :mod:`~srigl.condensed.twins`: conversion between masked-dense and compact form for compact
   training (:func:`~srigl.condensed.twins.from_masked_dense`,
   :func:`~srigl.condensed.twins.to_masked_dense`).

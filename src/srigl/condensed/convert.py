@@ -1,4 +1,4 @@
-"""``condense(model)``: a trained constant fan-in model turned into condensed layers, with a report.
+"""``condense(model)``: a trained constant fan-in model turned into condensed layers (and a report on request).
 
 The steps: find each tensor's mask (:func:`_collect_masks`), decide per layer whether it is
 condensed (:func:`_plan`), remove ablated neurons across layers where the graph allows
@@ -90,7 +90,8 @@ def condense(
     *,
     remove_ablated: bool = True,
     inplace: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
     """Turn a trained constant fan-in model into condensed layers that compute the same outputs.
 
     Steps: find each layer's mask; where an ablated neuron's output only reaches the next layer
@@ -111,8 +112,10 @@ def condense(
             read as ``mask = weight != 0`` (noted in the report).
         remove_ablated: remove ablated neurons across layers where the graph (``torch.fx``) allows.
         inplace: modify ``model`` itself instead of a deep copy.
+        return_report: also return the report of what happened to each layer.
 
     Returns:
+        The condensed model, so ``condense(model)(x)`` works; with ``return_report=True``,
         ``(condensed_model, report)``. ``report["layers"]`` maps each module name to ``kind``,
         ``reason`` (dense layers), ``shape_before``/``shape_after``, ``fan_in``, ``active_neurons``,
         ``ablated_neurons`` (still present), ``removed_neurons``, ``padded_weights``,
@@ -226,8 +229,7 @@ def condense(
                 **({"ablated_kept_because": "attention projections keep their width"} if n_ablated else {}),
             }
     report["params_after"] = _n_params(condensed_model)
-    return condensed_model, report
-
+    return (condensed_model, report) if return_report else condensed_model
 
 
 def _plan_attention(name: str, mha: nn.MultiheadAttention, masks_by_param: dict[str, torch.Tensor]) -> dict[str, _Layer]:
