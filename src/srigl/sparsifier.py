@@ -442,36 +442,7 @@ class Sparsifier:
 
         A dict ``{FQN: entry}`` that prints as a table (``print(sparsifier.summary())``).
         """
-        by_name = {layer.name: layer for layer in self.layers}
-        report = Summary()
-        for c in self.decisions:
-            numel = math.prod(c.shape)
-            entry: dict[str, Any] = {"shape": c.shape, "sparse": c.sparse, "reason": c.reason, "numel": numel}
-            layer = by_name.get(c.name)
-            if layer is None:
-                entry.update(nnz=numel, sparsity=0.0)
-            else:
-                counts = layer.fan_in_counts()  # (out,)
-                active = counts > 0
-                nnz = int(counts.sum())
-                fan_ins = counts[active].unique().tolist()
-                entry.update(
-                    nnz=nnz,
-                    sparsity=1.0 - nnz / numel,
-                    target_sparsity=layer.sparsity,
-                    fan_in=fan_ins[0] if len(fan_ins) == 1 else None,
-                    mean_fan_in=float(counts[active].float().mean()) if bool(active.any()) else 0.0,
-                    dense_fan_in=layer.fan_in,
-                    active_neurons=int(active.sum()),
-                    neurons=layer.n_rows,
-                    ablation=layer.ablate,
-                    structure=repr(self.structure),
-                    **layer.describe(),
-                )
-                if c.name in self.masked_reasons:
-                    entry["storage_reason"] = self.masked_reasons[c.name]
-            report[c.name] = entry
-        return report
+        return Summary.of(self.decisions, self.layers, repr(self.structure), self.masked_reasons)
 
     def global_sparsity(self) -> float:
         """Fraction of zeros over all sparse tensors together."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -21,6 +22,41 @@ class Summary(dict):
     Still a plain dict (``summary["fc1.weight"]["fan_in"]``, ``json.dumps(summary)``); ``print``
     shows one line per tensor: shape, sparsity, fan-in, active neurons, and why dense tensors are.
     """
+
+    @classmethod
+    def of(cls, decisions: Sequence[Any], layers: Sequence[Any], structure: str, masked_reasons: Mapping[str, str]) -> "Summary":
+        """The report of a sparsifier: one entry per selection decision (``srigl.selection.Candidate``),
+        with the live facts of its sparse tensor (``srigl.storage.SparseParam``) where it has one."""
+        by_name = {layer.name: layer for layer in layers}
+        report = cls()
+        for c in decisions:
+            numel = math.prod(c.shape)
+            entry: dict[str, Any] = {"shape": c.shape, "sparse": c.sparse, "reason": c.reason, "numel": numel}
+            layer = by_name.get(c.name)
+            if layer is None:
+                entry.update(nnz=numel, sparsity=0.0)
+            else:
+                counts = layer.fan_in_counts()  # (out,)
+                active = counts > 0
+                nnz = int(counts.sum())
+                fan_ins = counts[active].unique().tolist()
+                entry.update(
+                    nnz=nnz,
+                    sparsity=1.0 - nnz / numel,
+                    target_sparsity=layer.sparsity,
+                    fan_in=fan_ins[0] if len(fan_ins) == 1 else None,
+                    mean_fan_in=float(counts[active].float().mean()) if bool(active.any()) else 0.0,
+                    dense_fan_in=layer.fan_in,
+                    active_neurons=int(active.sum()),
+                    neurons=layer.n_rows,
+                    ablation=layer.ablate,
+                    structure=structure,
+                    **layer.describe(),
+                )
+                if c.name in masked_reasons:
+                    entry["storage_reason"] = masked_reasons[c.name]
+            report[c.name] = entry
+        return report
 
     def __str__(self) -> str:
         header = ("tensor", "shape", "sparsity", "fan-in", "neurons", "note")

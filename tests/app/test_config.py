@@ -84,7 +84,7 @@ def test_resolve_is_idempotent_through_toml(method, no_ablation, tmp_path):
         (dict(epochs=0), ["epochs must be >= 1, got 0"]),
         (dict(warmup_epochs=5, epochs=2), ["warmup_epochs must be in [0, epochs=2], got 5"]),
         (dict(t_end_fraction=0.0), ["t_end_fraction must be in (0.0, 1.0]"]),
-        (dict(compact=True, method="rigl"), ["compact training is for method 'srigl'"]),
+        (dict(compact=True, method="rigl"), ["compact training needs a constant fan-in method such as 'srigl', not 'rigl'"]),
     ],
 )
 def test_resolve_refuses_with_the_numbers(kwargs, words):

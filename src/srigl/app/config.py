@@ -237,9 +237,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         c.weight_decay = 5e-4 if c.optimizer == "sgd" else 0.05
     _check_range("weight_decay", c.weight_decay, 0.0, math.inf, high_open=True)
     _check_range("label_smoothing", c.label_smoothing, 0.0, 1.0, high_open=True)
-    if c.compact:
-        if c.method != "srigl":
-            raise InvalidConfigError(f"compact training is for method 'srigl' (constant fan-in) only, not {c.method!r}")
+    if c.compact and not getattr(getattr(ALGORITHMS.get(c.method), "default_structure", None), "condensable", False):
+        # Compact storage holds k values + indices per neuron: constant fan-in methods only.
+        raise InvalidConfigError(f"compact training needs a constant fan-in method such as 'srigl', not {c.method!r}")
     if c.out is None:
         c.out = str(Path("runs") / run_name(c))
     return c

@@ -109,8 +109,8 @@ def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.opt
     )
     if has_ablation(config.method):
         kwargs["gamma_sal"] = config.gamma_sal
-        if config.compact:
-            kwargs["compact"] = True
+    if config.compact:
+        kwargs["compact"] = True
     return get_algorithm(config.method)(model, optimizer, config.sparsity, total_steps, **kwargs)
 
 
