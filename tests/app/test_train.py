@@ -38,12 +38,9 @@ def test_sparse_init_rescales_to_sparse_fan_in_golden(compact):
         model[0].weight.fill_(1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.75, "2.weight": 0.0}, total_steps=10, compact=compact)
-    if compact:
-        # k = 4 of 16 per neuron: every stored value becomes sqrt(16 / 4) = 2.
-        assert torch.equal(model[0].values.detach(), torch.full((4, 4), 2.0))
-        return
+    assert sp.storage == ("compact" if compact else "masked")
     # k = 4 of 16 per neuron: active weights become sqrt(16 / 4) = 2, inactive stay 0.
-    weight, mask = model[0].weight, model[0].weight_mask
+    weight, mask = sp.layers[0].dense_view()[0], sp.masks()["0.weight"]  # (4, 16) each
     assert torch.equal(weight[mask], torch.full((16,), 2.0))
     assert torch.equal(weight[~mask], torch.zeros(48))
 
