@@ -21,6 +21,16 @@ design, the claims section and, if present, the hand-written ``OUT/analysis.md``
 beats SRigL without; (3) RigL leaves many neurons without weights at 99 %. Only final test
 accuracies of fixed, pre-declared configurations are compared; nothing is tuned on the test set.
 
+Two further studies, declared before their results were seen (``--no-extra`` skips both):
+
+* **ViT** (the paper's Table 4 claim: ViT-B/16 on ImageNet, uniform distribution, at 80 / 90 %
+  RigL 77.9 / 76.4, SRigL without ablation 73.5 / 71.3, SRigL with ablation gamma_sal 0.95
+  77.5 / 76.0): ``vit-tiny`` on Fashion-MNIST, uniform distribution, RigL / SRigL without ablation
+  / SRigL gamma_sal 0.95, 80 and 90 %, 3 seeds, ``EPOCHS_VIT`` epochs (what fits 2 cores). Claim 4
+  holds when SRigL with ablation beats SRigL without at both sparsities.
+* **More mask updates at 99 %** (claim 2 again): LeNet-5 at 99 %, SRigL without and with ablation
+  (gamma_sal 0.3), delta 25 instead of 100 (four times the updates), 3 seeds.
+
 Usage::
 
     python benchmarks/reproduce.py --data-dir data --out results/reproduction [--workers 2]
@@ -44,6 +54,13 @@ FULL_BUDGET = "srigl-fullbudget"  # the investigation's variant, registered by t
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 SEEDS = (0, 1, 2)
 EPOCHS = {"lenet5": 6, "mlp": 10}
+EPOCHS_VIT = 2
+VIT_VARIANTS = (("rigl", None), ("srigl", 0.0), ("srigl", 0.95))
+VIT_SPARSITIES = (0.8, 0.9)
+# The paper's ViT-B/16 ImageNet top-1 (Table 4), {(label, sparsity): accuracy %}.
+PAPER_VIT = {("rigl", 0.8): 77.9, ("rigl", 0.9): 76.4, ("srigl (no ablation)", 0.8): 73.5,
+             ("srigl (no ablation)", 0.9): 71.3, ("srigl (γ_sal=0.95)", 0.8): 77.5, ("srigl (γ_sal=0.95)", 0.9): 76.0}
+SMALL_DELTA = 25
 # (method, gamma_sal) variants; None = the method has no gamma_sal.
 VARIANTS = (("rigl", None), ("srigl", 0.0), ("srigl", 0.3))
 
@@ -95,19 +112,26 @@ class Run:
     seed: int
     gamma_sal: float | None
     epochs: int
+    delta: int = 100
+    distribution: str = "erk"
 
     @property
     def name(self) -> str:
         method = self.method
         if method.startswith("srigl"):
             method += f"-g{self.gamma_sal:g}" if self.gamma_sal else "-noablation"
+        if self.distribution != "erk":
+            method += f"-{self.distribution}"
+        if self.delta != 100:
+            method += f"-d{self.delta}"
         return f"{self.model}-{method}-s{self.sparsity:g}-seed{self.seed}"
 
     def args(self, data: str, data_dir: str | None, out: Path) -> list[str]:
         args = [
             "--data", data, "--model", self.model, "--method", self.method, "--epochs", str(self.epochs),
             "--seed", str(self.seed), "--out", str(out), "--threads", "1", "--no-progress",
-            "--delta", "100", "--t-end-fraction", "0.75", "--batch-size", "128",
+            "--delta", str(self.delta), "--t-end-fraction", "0.75", "--batch-size", "128",
+            "--distribution", self.distribution,
         ]
         if data_dir:
             args += ["--data-dir", data_dir]
@@ -139,6 +163,19 @@ def grid(models: list[str], sparsities: list[float], seeds: list[int], epochs: d
 def investigation_grid(models: list[str], seeds: list[int], epochs: dict[str, int]) -> list[Run]:
     """The full-budget variant at 99 % for every model and seed (see :func:`register_full_budget`)."""
     return [Run(model, FULL_BUDGET, 0.99, seed, 0.3, epochs[model]) for model in models for seed in seeds]
+
+
+def vit_grid(seeds: list[int], epochs: int) -> list[Run]:
+    """The ViT study: vit-tiny, uniform distribution, RigL / SRigL without / with ablation (0.95)."""
+    return [
+        Run("vit-tiny", method, sparsity, seed, gamma_sal, epochs, distribution="uniform")
+        for seed in seeds for sparsity in VIT_SPARSITIES for method, gamma_sal in VIT_VARIANTS
+    ]
+
+
+def delta_grid(seeds: list[int], epochs: int) -> list[Run]:
+    """LeNet-5 at 99 % with four times the mask updates, SRigL without and with ablation."""
+    return [Run("lenet5", "srigl", 0.99, seed, g, epochs, delta=SMALL_DELTA) for seed in seeds for g in (0.0, 0.3)]
 
 
 def run_one(run: Run, data: str, data_dir: str | None, runs_dir: Path, logs_dir: Path, keep_checkpoints: bool) -> tuple[str, float, int]:
@@ -282,6 +319,82 @@ def investigation_section(grid_dirs: list[Path], extra_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _groups(dirs: list[Path]) -> dict[tuple[str, str, float], list]:
+    from srigl.app.report import load_runs
+
+    groups: dict[tuple[str, str, float], list] = {}
+    for run in load_runs([str(d) for d in dirs]):
+        groups.setdefault((run.model, run.label, round(run.sparsity, 6)), []).append(run)
+    return groups
+
+
+def _acc(members: list) -> tuple[float, float, int]:
+    from srigl.app.report import mean_std
+
+    mean, std = mean_std([100 * r.test_acc for r in members])
+    return mean, std, len(members)
+
+
+def vit_section(dirs: list[Path], epochs: int) -> str:
+    """Markdown: claim 4 (ViT), ours next to the paper's, and whether it holds."""
+    groups = _groups(dirs)
+    labels = ["rigl", "srigl (no ablation)", "srigl (γ_sal=0.95)"]
+    lines = [
+        "## Claim 4: ViT — ablation (γ_sal = 0.95) recovers what constant fan-in alone loses",
+        "",
+        "Paper (Table 4, ViT-B/16 on ImageNet, uniform, 300 epochs): at 80 / 90 % RigL 77.9 / 76.4, SRigL without "
+        "ablation 73.5 / 71.3, with ablation (γ_sal = 0.95) 77.5 / 76.0. Here: vit-tiny on Fashion-MNIST, uniform, "
+        f"{epochs} epochs, same schedule as the grid. Holds when SRigL with ablation beats SRigL without at both sparsities.",
+        "",
+        "| sparsity | variant | ours: test accuracy % (n) | paper: top-1 % |",
+        "|---|---|---|---|",
+    ]
+    verdicts = []
+    for sparsity in VIT_SPARSITIES:
+        means = {}
+        for label in labels:
+            members = groups.get(("vit-tiny", label, sparsity), [])
+            cell = "not run"
+            if members:
+                mean, std, n = _acc(members)
+                means[label] = mean
+                cell = f"{mean:.2f} ± {std:.2f} ({n})"
+            lines.append(f"| {100 * sparsity:g} % | {label} | {cell} | {PAPER_VIT[(label, sparsity)]} |")
+        if {"srigl (no ablation)", "srigl (γ_sal=0.95)"} <= set(means):
+            diff = means["srigl (γ_sal=0.95)"] - means["srigl (no ablation)"]
+            gap = means["srigl (γ_sal=0.95)"] - means["rigl"] if "rigl" in means else float("nan")
+            verdicts.append(diff > 0)
+            lines.append(f"| {100 * sparsity:g} % | with − without ablation; with − RigL | {diff:+.2f} pp; {gap:+.2f} pp | "
+                         f"{PAPER_VIT[('srigl (γ_sal=0.95)', sparsity)] - PAPER_VIT[('srigl (no ablation)', sparsity)]:+.1f} pp; "
+                         f"{PAPER_VIT[('srigl (γ_sal=0.95)', sparsity)] - PAPER_VIT[('rigl', sparsity)]:+.1f} pp |")
+    verdict = "not run" if len(verdicts) < len(VIT_SPARSITIES) else ("yes" if all(verdicts) else "no")
+    lines += ["", f"Claim 4 holds: **{verdict}**."]
+    return "\n".join(lines) + "\n"
+
+
+def delta_section(dirs: list[Path], grid_dirs: list[Path]) -> str:
+    """Markdown: claim 2 again with delta 25 (four times the mask updates) on LeNet-5 at 99 %."""
+    small = _groups(dirs)
+    base = _groups([d for d in grid_dirs if d.name.startswith("lenet5-srigl") and "-s0.99-" in d.name])
+    lines = [
+        f"## Claim 2 with more mask updates: LeNet-5 at 99 %, delta {SMALL_DELTA} against 100",
+        "",
+        "Declared before the runs: does ablation help at 99 % once masks are updated four times as often?",
+        "",
+        "| delta | SRigL w/o ablation acc % (n) | SRigL w/ ablation (γ_sal=0.3) acc % (n) | difference (pp) |",
+        "|---|---|---|---|",
+    ]
+    for delta, groups in ((100, base), (SMALL_DELTA, small)):
+        off = groups.get(("lenet5", "srigl (no ablation)", 0.99), [])
+        on = groups.get(("lenet5", "srigl (γ_sal=0.3)", 0.99), [])
+        if not off or not on:
+            lines.append(f"| {delta} | n/a | n/a | not run |")
+            continue
+        (m0, s0, n0), (m1, s1, n1) = _acc(off), _acc(on)
+        lines.append(f"| {delta} | {m0:.2f} ± {s0:.2f} ({n0}) | {m1:.2f} ± {s1:.2f} ({n1}) | {m1 - m0:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--train-variant"]:
@@ -302,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-lenet5", type=int, default=EPOCHS["lenet5"])
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--no-investigation", action="store_true", help="skip the full-budget SRigL runs at 99 %%")
+    parser.add_argument("--no-extra", action="store_true", help="skip the ViT and small-delta studies")
+    parser.add_argument("--only-extra", action="store_true", help="train only the ViT and small-delta studies")
+    parser.add_argument("--epochs-vit", type=int, default=EPOCHS_VIT)
     parser.add_argument("--report-only", action="store_true", help="skip training; report on what exists")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
@@ -313,18 +429,22 @@ def main(argv: list[str] | None = None) -> int:
     epochs = {"mlp": args.epochs_mlp, "lenet5": args.epochs_lenet5}
     runs = grid(args.models, args.sparsities, args.seeds, epochs)
     extra = [] if args.no_investigation else investigation_grid(args.models, args.seeds, epochs)
+    vit = [] if args.no_extra else vit_grid(args.seeds, args.epochs_vit)
+    small_delta = [] if args.no_extra or "lenet5" not in args.models else delta_grid(args.seeds, epochs["lenet5"])
+    studies = [] if args.only_extra else runs + extra
+    studies += small_delta + vit  # the short runs first
     if args.dry_run:
-        for run in runs + extra:
+        for run in studies:
             print(run.name, " ".join(run.args(args.data, args.data_dir, runs_dir / run.name)))
-        print(f"{len(runs) + len(extra)} runs")
+        print(f"{len(studies)} runs")
         return 0
 
     started = time.perf_counter()
     failed: list[str] = []
     todo: list[Run] = []
     if not args.report_only:
-        todo = [r for r in runs + extra if not (runs_dir / r.name / "summary.json").exists()]
-        print(f"{len(runs) + len(extra)} runs, {len(runs) + len(extra) - len(todo)} already done, {len(todo)} to train "
+        todo = [r for r in studies if not (runs_dir / r.name / "summary.json").exists()]
+        print(f"{len(studies)} runs, {len(studies) - len(todo)} already done, {len(todo)} to train "
               f"with {args.workers} workers", flush=True)
         with ThreadPoolExecutor(args.workers) as pool:
             jobs = [pool.submit(run_one, r, args.data, args.data_dir, runs_dir, logs_dir, args.keep_checkpoints) for r in todo]
@@ -384,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     finished_extra = [runs_dir / r.name for r in extra if (runs_dir / r.name / "summary.json").exists()]
     if finished_extra:
         text += "\n" + investigation_section(done, finished_extra)
+    finished = [runs_dir / r.name for r in vit if (runs_dir / r.name / "summary.json").exists()]
+    if finished:
+        text += "\n" + vit_section(finished, args.epochs_vit)
+    finished = [runs_dir / r.name for r in small_delta if (runs_dir / r.name / "summary.json").exists()]
+    if finished:
+        text += "\n" + delta_section(finished, done)
     # Hand-written interpretation of the numbers (why a claim holds or not), kept next to the
     # generated report so that regenerating it does not lose it.
     analysis = out / "analysis.md"
