@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from srigl.app import datasets as data
 from srigl.app.cli import main
-from srigl.app.datasets import builtin
+from srigl.app.datasets import builtin, registry, search
 from srigl.app.datasets import fetch as fetching
 from srigl.app.datasets import (
     CorruptDatasetError,
@@ -116,10 +116,11 @@ def isolated(tmp_path, monkeypatch):
     """Search path limited to tmp_path: no env var, no real Debian files, no checkout data/,
     and the working directory (hence ./data) is tmp_path."""
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    entry = data._DATASETS["fashion-mnist"]
+    entry = registry.dataset_entry("fashion-mnist")
     files = dataclasses.replace(entry.files, system_dirs=(debian_dir(tmp_path),))
-    monkeypatch.setitem(data._DATASETS, "fashion-mnist", dataclasses.replace(entry, files=files))
-    monkeypatch.setattr(data, "_checkout_data_dir", lambda: None)
+    # Patched where they live: the registry's table and the search module's checkout lookup.
+    monkeypatch.setitem(registry._DATASETS, "fashion-mnist", dataclasses.replace(entry, files=files))
+    monkeypatch.setattr(search, "_checkout_data_dir", lambda: None)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -1,7 +1,8 @@
 """The data sets srigl ships: Fashion-MNIST, MNIST, CIFAR-10 and scikit-learn's digits, each with
 its description, where its files are looked for, how to get them, and its raw loader.
 
-Importing :mod:`srigl.app.datasets` imports this module, which registers the four of them.
+Importing :mod:`srigl.app.datasets` imports this module, which registers the four of them in
+:mod:`srigl.app.datasets.registry` (imported directly, not through the package, so no cycle).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from srigl.app.datasets import DataFiles, DatasetInfo, register_dataset
 from srigl.app.datasets.formats import CIFAR_TRAIN_BATCHES, IDX_STEMS, cifar_batch, load_idx_splits
+from srigl.app.datasets.registry import DataFiles, DatasetInfo, register_dataset
 
 # Where the Debian package dataset-fashion-mnist puts the four gzipped idx files.
 DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"

@@ -13,9 +13,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from srigl.app.datasets import DatasetNotFoundError, _entry, find_dataset_dir
 from srigl.app.datasets.builtin import DEBIAN_FASHION_MNIST_FILES, DEBIAN_FASHION_MNIST_PACKAGE, FASHION_MNIST
 from srigl.app.datasets.formats import IDX_STEMS, CorruptDatasetError, idx_split
+from srigl.app.datasets.registry import dataset_entry
+from srigl.app.datasets.search import DatasetNotFoundError, find_dataset_dir
 
 
 def _run(command: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -110,7 +111,7 @@ def fetch(name: str, data_dir: Path | str = "data", log: Callable[[str], None] =
         CorruptDatasetError: If the fetched files do not parse.
         UnknownDatasetError: Unknown ``name``.
     """
-    _entry(name)
+    dataset_entry(name)  # an unknown name fails here, before anything is searched or run
     if name == "digits":
         log("digits ships with scikit-learn; nothing to fetch")
         return None
