@@ -215,6 +215,7 @@ def test_state_dict_round_trip_and_mismatch():
     sp3 = srigl.SRigL(other, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.7, total_steps=50)
     with pytest.raises(srigl.StateDictMismatchError, match="shape"):
         sp3.load_state_dict(state)
+    sp2.remove_hooks()  # a second sparsifier on the same tensors is refused while the first is attached
     sp4 = srigl.SRigL(model2, opt2, sparsity=0.8, total_steps=50)
     with pytest.raises(srigl.StateDictMismatchError, match="sparsity"):
         sp4.load_state_dict(state)

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 CORE = {
     "srigl", "srigl.ablation", "srigl.algorithms", "srigl.distributed", "srigl.distributions", "srigl.errors",
     "srigl.initial", "srigl.masks", "srigl.schedules", "srigl.selection", "srigl.sparsifier", "srigl.storage",
-    "srigl.storage.masked", "srigl.structures", "srigl.summary",
+    "srigl.storage.masked", "srigl.structures", "srigl.summary", "srigl.state", "srigl.guards",
 }
 
 
@@ -32,9 +32,18 @@ def _is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
+def _runtime_nodes(node: ast.AST):
+    """Every node below ``node`` but those under ``if TYPE_CHECKING:`` (never imported at run time)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield child
+        yield from _runtime_nodes(child)
+
+
 def _imports(tree: ast.AST, top_level_only: bool) -> set[str]:
     """``srigl`` modules imported: ``from srigl.x import sub`` is an edge to the submodule ``sub``."""
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = tree.body if top_level_only else list(_runtime_nodes(tree))
     found = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "srigl":
@@ -75,6 +84,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from srigl import sparsifier\n"
+                     "def f():\n    from srigl import masks\n")
+    assert _imports(tree, top_level_only=False) == {"srigl.masks"}
 
 
 def test_no_import_cycles_even_through_lazy_imports():

@@ -29,6 +29,7 @@ from srigl.errors import (
     InfeasibleSparsityError,
     InvalidConfigError,
     InvalidSparsityError,
+    MaskError,
     NoSparsifiableLayerError,
     ParameterNotInOptimizerError,
     StateDictMismatchError,
@@ -144,6 +145,78 @@ def _non_finite_at_update(value: float):
     return train_step(model, opt, sp, x)  # step 2: an update step
 
 
+# ---------------------------------------------------------------------- #14: misuse that used to pass silently
+def _edited_mask_row():
+    model, opt = mlp()
+    sp = srigl.SRigL(model, opt, sparsity=0.5, total_steps=100, delta=2)
+    train_step(model, opt, sp)
+    model[0].weight_mask[0, :] = True
+    train_step(model, opt, sp)  # step 2: an update step
+
+
+def _no_backward_update():
+    model, opt = mlp()
+    sp = srigl.RigL(model, opt, sparsity=0.5, total_steps=100, delta=2)
+    train_step(model, opt, sp)
+    opt.step()
+    sp.step()  # step 2, an update step, with no backward since step 1
+
+
+def _replaced_parameter():
+    model, opt = mlp()
+    srigl.SRigL(model, opt, sparsity=0.5, total_steps=100)
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    opt.param_groups[0]["params"][0] = model[0].weight
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()
+
+
+def _two_optimizer_steps():
+    model, opt = mlp()
+    sp = srigl.SRigL(model, opt, sparsity=0.5, total_steps=100)
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()
+    opt.step()
+    sp.step()
+
+
+def _second_sparsifier():
+    model, opt = mlp()
+    srigl.SRigL(model, opt, sparsity=0.5, total_steps=100)
+    srigl.SRigL(model, opt, sparsity=0.8, total_steps=100)
+
+
+def _pickled_sparsifier():
+    import pickle
+
+    model, opt = mlp()
+    pickle.dumps(srigl.SRigL(model, opt, sparsity=0.5, total_steps=100))
+
+
+def _state_dict_masks_over_budget():
+    saved = make().state_dict()
+    saved["masks"]["0.weight"] = torch.ones_like(saved["masks"]["0.weight"])
+    make().load_state_dict(saved)
+
+
+def _dense_weights_loaded_under_masks():
+    model, opt = mlp()
+    srigl.SRigL(model, opt, sparsity=0.5, total_steps=100)
+    model.load_state_dict(mlp(seed=1)[0].state_dict())  # a dense model's weights: no mask fits them
+
+
+def _copy_trained_without_its_sparsifier():
+    import copy
+
+    model, opt = mlp()
+    srigl.SRigL(model, opt, sparsity=0.5, total_steps=100)
+    clone = copy.deepcopy(model)  # masks are copied, the sparsifier is not
+    clone_opt = torch.optim.SGD(clone.parameters(), lr=0.1)
+    clone(torch.randn(4, 10)).sum().backward()
+    clone_opt.step()
+    srigl.condense(clone)
+
+
 @dataclass(frozen=True)
 class Case:
     """One bad input: how to trigger it, what srigl does, and what the message must say."""
@@ -246,6 +319,29 @@ CASES = [
     Case("checkpoint overwritten with other bytes", "refused; names the path and size",
          lambda: _corrupt_checkpoint("garbage"), CheckpointError,
          r"last.pt: cannot read checkpoint: the file is corrupt or not a checkpoint \(\d+ bytes"),
+    # --- #14 core: misuse that used to pass silently
+    Case("a mask row edited by hand (`weight_mask[0, :] = True`)", "refused at the next update (it would ablate most neurons)",
+         _edited_mask_row, MaskError,
+         r"0.weight: its mask no longer fits ConstantFanIn\(\) with budget 80 at step 2: fan-in not constant: "
+         r"active neurons hold \[4, 10\] weights"),
+    Case("sparsifier state dict whose masks exceed the saved budget", "refused, nothing loaded",
+         _state_dict_masks_over_budget, StateDictMismatchError,
+         r"0.weight: 20 active neurons with fan-in 10, but budget 80 gives them 4 each"),
+    Case("`optimizer.step(); sparsifier.step()` with no backward on an update step", "update skipped, masks unchanged",
+         _no_backward_update, None, r"no backward pass since the last step \(step 2\): no dense gradient to regrow by"),
+    Case("a sparse parameter replaced after the sparsifier was built", "refused at the next optimizer step",
+         _replaced_parameter, MaskError, r"0.weight was replaced by another Parameter after the sparsifier was built"),
+    Case("two `optimizer.step()` per `sparsifier.step()`", "refused (the schedule would run at half speed)",
+         _two_optimizer_steps, StepOrderError, r"2 optimizer steps since the last sparsifier.step\(\) \(at step 0\)"),
+    Case("a second sparsifier on the same model", "refused (it would replace the first one's masks)",
+         _second_sparsifier, InvalidConfigError, r"0.weight is already sparsified by another SRigL \(step 0\)"),
+    Case("`pickle.dumps(sparsifier)`", "refused; says to save `state_dict()`", _pickled_sparsifier, TypeError,
+         r"a SRigL cannot be pickled .* save sparsifier.state_dict\(\)"),
+    Case("dense weights loaded with `model.load_state_dict` under a sparsifier", "refused (the masks cannot be re-derived)",
+         _dense_weights_loaded_under_masks, MaskError,
+         r"0.weight: the loaded weights have \d+ non-zeros outside the sparsifier's mask"),
+    Case("`copy.deepcopy(model)` trained without the sparsifier, then condensed", "refused by `condense`: weights outside the copied masks",
+         _copy_trained_without_its_sparsifier, MaskError, r"0.weight: \d+ weights are nonzero where the mask is False"),
 ]
 
 

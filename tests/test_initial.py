@@ -45,7 +45,7 @@ def test_random_masks_are_independent_of_the_weights(algorithm, model_seed, mask
         magnitude = float((active.abs() / bound).mean())
         assert abs(positive - 0.5) < 5 * math.sqrt(0.25 / n), (algorithm, n, positive)
         assert abs(magnitude - 0.5) < 5 * math.sqrt(1 / 12 / n), (algorithm, n, magnitude)
-    assert sp.mask_init == "random"
+    assert sp.mask_init == "auto" and set(sp.initial_masks.values()) == {"random"}  # fresh weights: random
 
 
 def test_mask_stream_seed_is_a_fixed_hash_that_separates_streams():
@@ -215,7 +215,7 @@ def test_nonzero_refuses_too_many_non_zeros():
 
 def test_unknown_mask_init_is_refused():
     model = nn.Sequential(nn.Linear(4, 2))
-    with pytest.raises(srigl.InvalidConfigError, match=r"mask_init must be one of \['random', 'magnitude', 'nonzero'\]"):
+    with pytest.raises(srigl.InvalidConfigError, match=r"mask_init must be one of \['auto', 'random', 'magnitude', 'nonzero'\]"):
         srigl.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, mask_init="ones")
 
 

@@ -17,7 +17,8 @@ import torch
 from srigl import ablation
 from srigl.errors import InvalidConfigError
 from srigl.schedules import CosineDrop
-from srigl.sparsifier import STATE_DICT_VERSION, Sparsifier
+from srigl.sparsifier import Sparsifier
+from srigl.state import STATE_DICT_VERSION
 from srigl.structures import ConstantFanIn
 
 __all__ = [

@@ -1,7 +1,10 @@
 """Where a sparse tensor starts: its initial mask (random, by magnitude, or adopted), and the
 rescale of freshly initialised weights to their sparse fan-in.
 
-Three ways to draw the first mask, chosen by ``mask_init``:
+Three ways to draw the first mask, chosen by ``mask_init`` (``"auto"``, the default, picks per
+tensor: ``"nonzero"`` when its weights already hold at least as many exact zeros as the target
+sparsity asks for -- a sparse model loaded from ``model.state_dict()``, which does not hold masks --
+and ``"random"`` otherwise):
 
 * ``"random"``    -- top-n of uniform noise per unit of the structure (a fresh model). The noise
   comes from the sparsifier's own generator, seeded by :func:`mask_stream_seed`, never from the
@@ -20,7 +23,14 @@ import torch
 from srigl.errors import InvalidConfigError
 from srigl.structures import Structure, topk_mask
 
-MASK_INITS = ("random", "magnitude", "nonzero")
+MASK_INITS = ("auto", "random", "magnitude", "nonzero")
+
+
+def looks_sparse(weight: torch.Tensor, budget: int) -> bool:
+    """Whether ``weight`` already holds no more non-zeros than ``budget`` (and some zeros): what
+    ``mask_init="auto"`` adopts instead of drawing a random mask that would zero trained weights."""
+    nnz = int(torch.count_nonzero(weight))
+    return 0 < nnz <= budget < weight.numel()
 
 # An odd 64-bit constant (the golden ratio's fraction) that separates the mask stream from the
 # weight stream: torch.manual_seed(s) seeds the weights' mt19937 with s itself.

@@ -11,6 +11,7 @@ survive.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -21,11 +22,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from srigl import distributed, initial, masks
+from srigl import distributed, guards, initial, masks, state
 from srigl.distributions import layer_sparsities
 from srigl.errors import (
     FanInTooSmallError,
     InvalidConfigError,
+    MaskError,
+    SriglError,
     NoSparsifiableLayerError,
     ParameterNotInOptimizerError,
     StateDictMismatchError,
@@ -37,15 +40,6 @@ from srigl.storage import SparseParam
 from srigl.storage.masked import MaskedParam
 from srigl.structures import Structure, Unstructured, topk_mask
 from srigl.summary import Summary
-
-STATE_DICT_VERSION = 1
-
-# Settings that decide what saved masks mean: a state saved with another value is refused (by
-# load_state_dict and by srigl.io.checkpoint alike). Missing keys read as these defaults, so states
-# saved before a key existed still load.
-STRICT_KEYS = {"algorithm": None, "sparsity": None, "distribution": None, "structure": None,
-               "gamma_sal": None, "erk_power": 1.0, "compact": False}
-
 
 class Sparsifier:
     """Base class: masks, hooks, schedule, state dict, summary; ``Static`` behaviour.
@@ -70,8 +64,10 @@ class Sparsifier:
         erk_power: exponent of the ERK ratio.
         mask_init: the first masks: ``"random"`` (a fresh model), ``"magnitude"`` (the largest
             ``|w|`` per unit: a pretrained model) or ``"nonzero"`` (adopt the weights' zeros: an
-            already-sparse model; refused when they break the structure or budget). See
-            :mod:`srigl.initial`.
+            already-sparse model; refused when they break the structure or budget). ``"auto"`` (the
+            default) adopts the zeros of a tensor that is already at least as sparse as its target
+            (a sparse model restored from ``model.state_dict()``, which holds no masks) and draws
+            random masks for the others. See :mod:`srigl.initial`.
         sparse_init: with ``mask_init="random"``, rescale each sparse neuron's freshly initialised
             weights by ``sqrt(dense fan-in / sparse fan-in)`` (the SRigL reference's sparse Kaiming
             init); without it, high sparsities may not train. Never applied to ``"magnitude"`` or
@@ -109,7 +105,7 @@ class Sparsifier:
         no_ablation: tuple[str, ...] = (),
         seed: int = 0,
         erk_power: float = 1.0,
-        mask_init: str = "random",
+        mask_init: str = "auto",
         sparse_init: bool = True,
         output_layer: str | None = None,
         compact: bool = False,
@@ -139,6 +135,7 @@ class Sparsifier:
                 f"({len(self.decisions)} parameters looked at; types {[t.__name__ for t in self.policy.types]})"
             )
         self._check_in_optimizer(chosen)
+        guards.check_unclaimed(self, [c.name for c in chosen])
         self.layers: list[SparseParam] = self._init_layers(chosen)
         if not self.layers:
             raise NoSparsifiableLayerError(
@@ -158,6 +155,11 @@ class Sparsifier:
         self.last_update: dict[str, Any] = {}
         self._set_collecting(self.needs_dense_grad and self.schedule.is_update_step(1))
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._load_hooks = [
+            layer.module.register_load_state_dict_post_hook(self._after_model_load)
+            for layer in {id(layer.module): layer for layer in self.layers if isinstance(layer, MaskedParam)}.values()
+        ]
+        guards.claim(self)
 
     # ------------------------------------------------------------------ construction
     def _check_storage(self, compact: bool, compact_types) -> str:
@@ -247,28 +249,55 @@ class Sparsifier:
                     f"{c.name} {c.shape}: fan-in {fan_in} is too small for density {density:.4g} "
                     f"({density * fan_in:.3g} weights per neuron); lower the sparsity or keep it dense"
                 )
-            planned.append((c, module, param, self._initial_mask(param, n, c.name), self.structure.units(n_rows, fan_in) * n))
+            budget = self.structure.units(n_rows, fan_in) * n
+            how = self._mask_init_for(param, budget)
+            planned.append((c, module, param, self._initial_mask(param, n, c.name, how), budget, how))
+        adopted = [c.name for c, *_, how in planned if how == "nonzero" and self.mask_init == "auto"]
+        if adopted:
+            warnings.warn(
+                f"srigl: {len(adopted)} tensors already hold no more non-zeros than their budget ({adopted[:3]}): "
+                "their zeros are adopted as masks (mask_init='auto'; pass mask_init='random' to draw new ones)",
+                UserWarning,
+                stacklevel=3,
+            )
+        #: How each tensor's first mask was drawn ("random", "magnitude" or "nonzero"; "auto" resolved).
+        self.initial_masks = {c.name: how for c, *_, how in planned}
         layers = []
-        for c, module, param, mask, budget in planned:
+        for c, module, param, mask, budget, how in planned:
             ablate = (
                 self.structure.ablatable
                 and not c.is_output
                 and not any(fnmatch.fnmatchcase(c.name, p) for p in self.no_ablation)
             )
             layer = MaskedParam(c.name, module, c.param_name, mask, sparsities[c.name], budget, ablate, self.optimizer)
-            if self.mask_init == "random" and self.sparse_init:
+            if how == "random" and self.sparse_init:
                 with torch.no_grad():
                     initial.rescale_to_sparse_fan_in(param, mask)
             layers.append(layer)
         return layers
 
-    def _initial_mask(self, param: nn.Parameter, n: int, name: str) -> torch.Tensor:
-        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit, by :attr:`mask_init`."""
+    def _mask_init_for(self, param: nn.Parameter, budget: int) -> str:
+        """:attr:`mask_init`, with ``"auto"`` resolved for this tensor."""
+        if self.mask_init != "auto":
+            return self.mask_init
+        return "nonzero" if initial.looks_sparse(param.detach(), budget) else "random"
+
+    def _initial_mask(self, param: nn.Parameter, n: int, name: str, how: str) -> torch.Tensor:
+        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit, drawn ``how``."""
         n_rows = param.shape[0]
         weight = param.detach().reshape(n_rows, -1)  # (out, fan_in)
-        if self.mask_init == "magnitude":
+        if how == "magnitude":
             mask = initial.magnitude_mask(weight, n, self.structure)
-        elif self.mask_init == "nonzero":
+        elif how == "nonzero" and self.mask_init == "auto":
+            try:
+                mask = initial.nonzero_mask(weight, self.structure, n, name)
+            except SriglError as e:  # InvalidConfigError, NotConstantFanInError
+                # Drawing random masks over trained sparse weights would zero most of them.
+                raise InvalidConfigError(
+                    f"{name} is already sparse but its zeros do not fit {self.structure!r} at this budget ({e}); "
+                    "pass mask_init='magnitude' to keep its largest weights or mask_init='random' to start afresh"
+                ) from e
+        elif how == "nonzero":
             mask = initial.nonzero_mask(weight, self.structure, n, name)
         else:
             mask = initial.random_mask(n_rows, weight.shape[1], n, self.structure, self.generator)
@@ -285,11 +314,19 @@ class Sparsifier:
             for layer in self.layers:
                 layer.after_optimizer_step()
 
+    def _after_model_load(self, module: nn.Module, incompatible_keys) -> None:
+        # model.state_dict() holds no masks: weights loaded without theirs must not be zeroed.
+        guards.adopt_loaded_weights(self, module)
+
     def remove_hooks(self) -> None:
-        """Detach every hook srigl installed (masks stay on the modules)."""
+        """Detach every hook srigl installed (masks stay on the modules); another sparsifier may then
+        take over the tensors."""
         for layer in self.layers:
             layer.remove_hooks()
+        guards.release(self)
         self._step_hook.remove()
+        for handle in self._load_hooks:
+            handle.remove()
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> dict[str, Any] | None:
@@ -321,6 +358,12 @@ class Sparsifier:
                 "call optimizer.step() first (a step that torch.amp.GradScaler skipped for non-finite "
                 "gradients is recognised and not counted)"
             )
+        if self._pending_optimizer_steps > 1:
+            raise StepOrderError(
+                f"{self._pending_optimizer_steps} optimizer steps since the last sparsifier.step() (at step "
+                f"{self._step}): the schedule counts one sparsifier step per optimizer step, so call "
+                "sparsifier.step() after every optimizer.step()"
+            )
         self._pending_optimizer_steps = 0
         self._step += 1
         stats = None
@@ -341,11 +384,23 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update(self, drop_fraction: float) -> dict[str, Any]:
+        for layer in self.layers:
+            problem = self.structure.counts_problem(layer.fan_in_counts(), layer.budget, layer.fan_in)
+            if problem is not None:
+                # A mask edited by hand: one over-full row would make every other neuron look
+                # unsalient and ablate most of the layer.
+                raise MaskError(
+                    f"{layer.name}: its mask no longer fits {self.structure!r} with budget {layer.budget} at step "
+                    f"{self._step}: {problem}; masks must be changed only by the sparsifier (load_state_dict)"
+                )
         if self.needs_dense_grad:
             bad = [layer.name for layer in self.layers if not layer.grads_finite()]
+            no_backward = not any(list(layer.held()) for layer in self.layers)
             # Every rank takes the same branch, or their masks would part.
             if distributed.any_rank(bool(bad)):
                 return self._skip_update(bad)
+            if distributed.any_rank(no_backward):
+                return self._skip_update([], reason="no backward pass since the last step")
         layers_stats = {}
         # One tensor at a time: at most one dense (out, fan_in) weight, mask and gradient live at
         # once, whatever the storage.
@@ -363,15 +418,15 @@ class Sparsifier:
         self.last_update = {"step": self._step, "drop_fraction": drop_fraction, "layers": layers_stats}
         return self.last_update
 
-    def _skip_update(self, bad: list[str]) -> dict[str, Any]:
-        """Leave every mask as it is this step: some dense gradients are NaN or inf."""
-        where = f"in {len(bad)} tensors ({bad[:3]})" if bad else "on another rank"
-        warnings.warn(
-            f"srigl: non-finite dense gradients at step {self._step} {where}; mask update skipped, masks unchanged",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        self.last_update = {"step": self._step, "skipped": True, "reason": "non-finite gradients"}
+    def _skip_update(self, bad: list[str], reason: str = "non-finite gradients") -> dict[str, Any]:
+        """Leave every mask as it is this step: some dense gradients are NaN or inf, or there are none."""
+        if reason == "non-finite gradients":
+            where = f"in {len(bad)} tensors ({bad[:3]})" if bad else "on another rank"
+            what = f"non-finite dense gradients at step {self._step} {where}"
+        else:
+            what = f"{reason} (step {self._step}): no dense gradient to regrow by"
+        warnings.warn(f"srigl: {what}; mask update skipped, masks unchanged", RuntimeWarning, stacklevel=4)
+        self.last_update = {"step": self._step, "skipped": True, "reason": reason}
         return self.last_update
 
     # ------------------------------------------------------------------ the template
@@ -502,75 +557,43 @@ class Sparsifier:
         return config
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: step, generator, config, budgets, and per tensor its
-        storage's entry: the mask (``"masks"``, masked tensors) or the ``(n_active, k)`` layout
-        (``"layouts"``, compact ones, whose indices live in the model's own ``state_dict``)."""
-        state: dict[str, Any] = {
-            "version": STATE_DICT_VERSION,
-            "config": self.config(),
-            "step": self._step,
-            "masks": {},
-            "layouts": {},
-            "budgets": {layer.name: layer.budget for layer in self.layers},
-            "generator": self.generator.get_state(),
-        }
-        for layer in self.layers:
-            state[layer.state_key][layer.name] = layer.saved()
-        return state
+        """Everything needed to resume exactly (see :func:`srigl.state.dump`): step, generator,
+        config, budgets, and each tensor's mask or compact layout."""
+        return state.dump(self)
 
     def check_state_dict(
-        self, state: Any, error: type[StateDictMismatchError] = StateDictMismatchError, what: str = "state dict"
+        self, saved: Any, error: type[StateDictMismatchError] = StateDictMismatchError, what: str = "state dict"
     ) -> None:
-        """Raise ``error`` unless :meth:`load_state_dict` can take ``state``; changes nothing.
+        """Raise ``error`` unless :meth:`load_state_dict` can take ``saved``; changes nothing. The one
+        validator of a sparsifier state (:mod:`srigl.io.checkpoint` calls it with ``what="checkpoint"``):
+        the settings that give masks their meaning, the tensors, and masks that fit the structure and budget."""
+        state.check(self, saved, error, what)
 
-        The one validator of a sparsifier state: :mod:`srigl.io.checkpoint` calls it too (with
-        ``what="checkpoint"`` for its messages).
-        """
-        if not isinstance(state, Mapping) or "config" not in state or not ({"masks", "layouts"} & set(state)):
-            raise error("not a srigl sparsifier state dict (no 'config' and 'masks'/'layouts' entries)")
-        mine, theirs = self.config(), state["config"]
-        for key, default in STRICT_KEYS.items():
-            if mine.get(key, default) != theirs.get(key, default):
-                hint = (
-                    "; a masked-dense run is continued compact by loading it masked-dense and converting with "
-                    "srigl.from_masked_dense" if key == "compact" else ""
-                )
-                raise error(
-                    f"{what} was saved with {key}={theirs.get(key, default)!r}, this sparsifier has "
-                    f"{key}={mine.get(key, default)!r}{hint}"
-                )
-        for kind in ("masks", "layouts"):
-            live = {layer.name for layer in self.layers if layer.state_key == kind}
-            saved = set(state.get(kind, {}))
-            if live != saved:
-                raise error(
-                    f"{what} {kind} name other tensors: missing {sorted(live - saved)[:5]}, "
-                    f"unexpected {sorted(saved - live)[:5]}"
-                )
-        budgets = state.get("budgets", {})
-        problems = [f"{layer.name}: no saved budget" for layer in self.layers if layer.name not in budgets]
-        problems += [
-            f"{layer.name}: {problem}"
-            for layer in self.layers
-            if (problem := layer.problem_with(state[layer.state_key][layer.name])) is not None
-        ]
-        if problems:
-            raise error(f"{what} does not fit {len(problems)} tensors: {'; '.join(problems[:5])}")
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; refuses (before changing anything) a state from another
         model, configuration or storage. A compact layer takes the saved layout's shape (contents
         undefined until ``model.load_state_dict`` fills them), so the order of loading does not matter."""
-        self.check_state_dict(state)
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.load(state[layer.state_key][layer.name])
-                layer.budget = int(state["budgets"][layer.name])
-        self._step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        state.load(self, saved)
+        self._step = int(saved["step"])
         self._pending_optimizer_steps = 0
         self._clear()
         self._set_collecting(self.needs_dense_grad and self.schedule.is_update_step(self._step + 1))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling would carry the model, the optimizer and live hooks; what resumes a run is small.
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled (it holds the model, the optimizer and hooks): save "
+            "sparsifier.state_dict() (with srigl.save_checkpoint), and load it into a new sparsifier"
+        )
+
+    def __deepcopy__(self, memo: dict) -> "Sparsifier":
+        # copy.deepcopy(sparsifier) copies the model and optimizer with it: allowed (the copy is bound
+        # to the copies), though pickling is not.
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, copy.deepcopy(value, memo))
+        return clone
 
     def __repr__(self) -> str:
         return (

@@ -52,6 +52,16 @@ class _Rules:
     def check_update(self, name: str, new: torch.Tensor, alive: torch.Tensor, per_unit: int, budget: int) -> None:
         """Cheap vectorised check of an updated ``(out, fan_in)`` mask: an internal error, never a user's."""
 
+    def counts_problem(self, counts: torch.Tensor, budget: int, fan_in: int) -> str | None:
+        """Why per-neuron active counts ``(out,)`` cannot come from this structure's updates with
+        ``budget`` weights (a mask edited by hand, a foreign state dict), or None. An emptied mask is
+        allowed: the next update regrows the whole budget."""
+        return None
+
+    def mask_problem(self, mask: torch.Tensor, budget: int) -> str | None:
+        """As :meth:`counts_problem`, for an ``(out, fan_in)`` bool mask."""
+        return self.counts_problem(mask.sum(dim=1), budget, mask.shape[1])
+
     def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, torch.Tensor | None]:
         """Whether an existing ``(out, fan_in)`` pattern of non-zeros fits this structure at ``n`` per
         unit (``mask_init="nonzero"``): ``(per-unit count to keep, surviving rows or None)``, or a
@@ -78,6 +88,10 @@ class Unstructured(_Rules):
     def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
         """Weights each unit keeps after an update with ``n_alive`` surviving neurons: the whole budget."""
         return budget
+
+    def counts_problem(self, counts: torch.Tensor, budget: int, fan_in: int) -> str | None:
+        nnz = int(counts.sum())
+        return None if nnz in (budget, 0) else f"{nnz} active weights, budget {budget}"
 
     def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, None]:
         nnz = int(nonzero.sum())
@@ -114,6 +128,19 @@ class ConstantFanIn(_Rules):
     def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
         # k': the layer budget spread over the surviving neurons.
         return min(budget // n_alive, fan_in)
+
+    def counts_problem(self, counts: torch.Tensor, budget: int, fan_in: int) -> str | None:
+        alive = int((counts > 0).sum())
+        if alive == 0:
+            return None  # emptied: the next update regrows the whole budget
+        fan_ins = counts[counts > 0].unique().tolist()
+        if len(fan_ins) > 1:
+            return f"fan-in not constant: active neurons hold {fan_ins[:6]} weights"
+        # Every update gives each of the n surviving neurons k' = min(budget // n, fan_in).
+        expected = self.per_unit_after(budget, alive, fan_in)
+        if fan_ins[0] != expected:
+            return f"{alive} active neurons with fan-in {fan_ins[0]}, but budget {budget} gives them {expected} each"
+        return None
 
     def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, torch.Tensor]:
         # Ablated (all-zero) neurons are allowed: each of the r survivors gets the fan-in the update
@@ -173,6 +200,16 @@ class NM(_Rules):
 
     def per_unit_after(self, budget: int, n_alive: int, fan_in: int) -> int:
         return self.n
+
+    def counts_problem(self, counts: torch.Tensor, budget: int, fan_in: int) -> str | None:
+        per_row = self.n * (fan_in // self.m)
+        wrong = int(((counts != per_row) & (counts != 0)).sum())
+        return None if wrong == 0 else f"{wrong} of {counts.numel()} rows hold neither 0 nor {per_row} weights"
+
+    def mask_problem(self, mask: torch.Tensor, budget: int) -> str | None:
+        groups = mask.reshape(-1, self.m).sum(dim=1)  # (out * fan_in / m,)
+        wrong = int(((groups != self.n) & (groups != 0)).sum())  # emptied groups are regrown
+        return None if wrong == 0 else f"{wrong} of {groups.numel()} groups of {self.m} do not hold exactly {self.n}"
 
     def adopt(self, nonzero: torch.Tensor, n: int, name: str) -> tuple[int, None]:
         groups = nonzero.reshape(-1, self.m).sum(dim=1)  # (out * fan_in / m,)

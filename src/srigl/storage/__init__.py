@@ -77,6 +77,9 @@ class SparseParam(Protocol):
     def problem_with(self, entry: Any) -> str | None:
         """Why ``entry`` (a saved :meth:`saved`) cannot be loaded here, or None."""
 
+    def entry_problem(self, entry: Any, structure: Any, budget: int) -> str | None:
+        """Why a saved entry (that passed :meth:`problem_with`) breaks ``structure`` with ``budget``."""
+
     def load(self, entry: Any) -> None:
         """Take a saved :meth:`saved` entry (already checked with :meth:`problem_with`)."""
 

@@ -241,6 +241,11 @@ class CompactParam:
             return f"saved layout ({n_active}, {k}) does not fit a {self.shape} weight"
         return None
 
+    def entry_problem(self, entry: Any, structure: Any, budget: int) -> str | None:
+        """Why a saved ``(n_active, k)`` layout breaks ``structure`` with ``budget``, or None."""
+        n_active, k = (int(v) for v in entry)
+        return structure.counts_problem(torch.full((n_active,), k), budget, self.fan_in)
+
     def load(self, entry: tuple[int, int]) -> None:
         """Resize to the saved layout (contents undefined until ``model.load_state_dict`` fills
         them), so model, optimizer and sparsifier load in any order."""

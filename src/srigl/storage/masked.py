@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from srigl import masks
+from srigl.errors import MaskError
 from srigl.storage import grad_was_reset, reset_state
 
 
@@ -53,7 +54,8 @@ class MaskedParam:
         with torch.no_grad():
             self.param.masked_fill_(~mask, 0.0)
         reset_state(optimizer, self.param, mask)
-        self._handle = self.param.register_hook(self._on_grad)
+        self._hooked = self.param  # the tensor the gradient hook sits on
+        self._handle = self._hooked.register_hook(self._on_grad)
 
     # ------------------------------------------------------------------ the tensors
     @property
@@ -126,7 +128,13 @@ class MaskedParam:
         reset_state(self.optimizer, param, new & old)
 
     def after_optimizer_step(self) -> None:
-        self.param.masked_fill_(~self.live_mask, 0.0)
+        param = self.param
+        if param is not self._hooked:
+            raise MaskError(
+                f"{self.name} was replaced by another Parameter after the sparsifier was built: its gradient "
+                "is no longer masked nor collected for regrowth; build the sparsifier after replacing parameters"
+            )
+        param.masked_fill_(~self.live_mask, 0.0)
 
     # ------------------------------------------------------------------ state
     def saved(self) -> torch.Tensor:
@@ -137,7 +145,13 @@ class MaskedParam:
             return f"saved mask is a {type(entry).__name__}, not a tensor"
         if tuple(entry.shape) != self.shape:
             return f"saved mask shape {tuple(entry.shape)} != parameter shape {self.shape}"
+        if entry.dtype != torch.bool:
+            return f"saved mask has dtype {entry.dtype}, not torch.bool"
         return None
+
+    def entry_problem(self, entry: torch.Tensor, structure: Any, budget: int) -> str | None:
+        """Why a saved mask (already of the right shape) breaks ``structure`` with ``budget``, or None."""
+        return structure.mask_problem(entry.reshape(self.n_rows, self.fan_in), budget)
 
     def load(self, entry: torch.Tensor) -> None:
         mask = self.live_mask
