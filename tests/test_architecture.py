@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -130,3 +131,9 @@ def test_one_engine_compact_is_a_storage_not_a_class():
     masked = srigl.SRigL(other, torch.optim.SGD(other.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
     assert type(masked) is srigl.SRigL and masked.storage == "masked"
     assert {type(layer).__name__ for layer in masked.layers} == {"MaskedParam"}
+
+
+def test_the_old_compact_class_name_says_where_compact_training_went():
+    with pytest.raises(AttributeError, match=r"srigl.SRigL\(model, optimizer, ..., compact=True\)"):
+        srigl.CompactSRigL  # noqa: B018
+    assert srigl.CompactMultiheadAttention is srigl.CondensedMultiheadAttention

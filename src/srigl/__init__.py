@@ -41,6 +41,7 @@ _LAZY = {
     "fanin_matmul": ("srigl.kernels", "fanin_matmul"),
     "condense_tensor": ("srigl.condensed", "condense_tensor"),
     "register_condenser": ("srigl.condensed", "register_condenser"),
+    "CompactMultiheadAttention": ("srigl.condensed", "CondensedMultiheadAttention"),  # the same class
     "to_masked_dense": ("srigl.condensed.twins", "to_masked_dense"),
     "from_masked_dense": ("srigl.condensed.twins", "from_masked_dense"),
     "save_checkpoint": ("srigl.io.checkpoint", "save_checkpoint"),
@@ -57,6 +58,11 @@ def __getattr__(name: str):
 
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name == "CompactSRigL":
+        raise AttributeError(
+            "srigl.CompactSRigL is gone: compact training is a storage of the one engine, "
+            "srigl.SRigL(model, optimizer, ..., compact=True)"
+        )
     raise AttributeError(f"module 'srigl' has no attribute {name!r}")
 
 
