@@ -32,7 +32,7 @@ reproduce: $(STAMP) data
 
 # Every benchmark script in benchmarks/ but the long reproduce.py study (each prints side-by-side
 # ratios and writes results/*.md); one alone: .venv/bin/python benchmarks/NAME.py
-BENCHMARKS := $(sort $(filter-out benchmarks/reproduce.py,$(wildcard benchmarks/*.py)))
+BENCHMARKS := $(sort $(filter-out benchmarks/reproduce.py benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)))
 
 bench: $(STAMP) data
 	@status=0; for script in $(BENCHMARKS); do \
