@@ -30,7 +30,7 @@ demo: $(STAMP) data
 reproduce: $(STAMP) data
 	$(PY) benchmarks/reproduce.py --data-dir $(DATA) --out results/reproduction
 
-# Every benchmark script in benchmarks/ but the long reproduce.py study (each prints side-by-side
+# Every benchmark script in benchmarks/ but the long reproduce.py study and the GPU check (each prints side-by-side
 # ratios and writes results/*.md); one alone: .venv/bin/python benchmarks/NAME.py
 BENCHMARKS := $(sort $(filter-out benchmarks/reproduce.py benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)))
 
