@@ -7,7 +7,10 @@ Why compile at run time (JIT) rather than at install time
     pinned runtime torch the binary is then loaded into. Building on first use against the torch
     already imported avoids both problems, keeps ``pip install`` a pure-Python install, and keeps
     the library usable with no compiler at all: any build failure falls back to the pure-torch
-    backend (``reference.py``), logged once at DEBUG level on the ``srigl.kernels`` logger.
+    backend (``reference.py``), with one ``RuntimeWarning`` naming the cause and the fix (the
+    fallback is slower than a dense layer, so a silent one would mislead). The first build of a
+    process prints one line to stderr while it runs (tens of seconds, once per CPU level and
+    source version; later processes load the cached binary).
 
 Why these compiler flags
     ``-march=native`` would make the cached binary valid only on CPUs at least as capable as the
@@ -47,11 +50,12 @@ import os
 import platform
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -112,6 +116,23 @@ def _ninja_path() -> str | None:
     return str(candidate) if (candidate / "ninja").exists() else None
 
 
+def _is_cached(cpp_extension, name: str) -> bool:
+    """Whether a binary built for ``name`` is in torch's extension cache (loading it takes a moment)."""
+    try:
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private helper of torch: if it moves, say nothing rather than fail
+        return True
+    return (directory / f"{name}.so").exists()
+
+
+def build() -> str:
+    """Build (or load from the cache) the C++ kernel now; returns where it came from or raises
+    RuntimeError with the compiler's output. ``srigl kernels build`` calls it ahead of time."""
+    if not available():
+        raise RuntimeError(f"srigl C++ kernel could not be built: {load_error()}")
+    return f"srigl C++ kernel ready ({_isa_flags()[0]})"
+
+
 def _build() -> object:
     """Compiles and loads the extension; returns ``torch.ops.srigl_fanin``. Raises on failure."""
     from torch.utils import cpp_extension  # lazy: it imports setuptools machinery
@@ -123,9 +144,13 @@ def _build() -> object:
     if extra_path is not None:
         # Scoped to the build; the lock keeps other srigl builds from seeing a half-set PATH.
         os.environ["PATH"] = extra_path + os.pathsep + old_path
+    name = _extension_name(level, flags)
+    if not _is_cached(cpp_extension, name):
+        print(f"srigl: compiling the C++ fan-in kernel for this CPU ({level}; once, about 20 s)...", file=sys.stderr,
+              flush=True)
     try:
         cpp_extension.load(
-            name=_extension_name(level, flags),
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
@@ -194,6 +219,15 @@ def _ops() -> object | None:
             except Exception as error:  # any failure (no compiler, no ninja, ...) means: fall back
                 _state["error"] = f"{type(error).__name__}: {error}"
                 _log.debug("srigl C++ kernel unavailable, using the torch fallback: %s", _state["error"])
+                first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+                warnings.warn(
+                    f"srigl: the C++ fan-in kernel could not be built ({type(error).__name__}: {first_line[:200]}); "
+                    "condensed layers fall back to pure torch, which is slower than dense. Install a C++ compiler "
+                    "and ninja (pip install ninja), then `srigl kernels build`; srigl.kernels.cpu.load_error() has "
+                    "the full output; SRIGL_DISABLE_EXTENSION=1 chooses the fallback without trying",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _state.get("ops")
 
 
