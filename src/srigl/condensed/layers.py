@@ -104,6 +104,13 @@ class _CondensedLayer(nn.Module):
         values, bias, rows = params["values"], params.get("bias"), buffers["active_rows"]
         if indices is None:
             indices = buffers["indices"]
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast's rule for matmul-like ops (as nn.Linear gets it): operands in the autocast
+            # dtype, the result in it too; the casts are differentiable, so fp32 values get fp32
+            # gradients. A dense layer in bf16 feeding this one no longer fails on mixed dtypes.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, values = x.to(dtype), values.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         out_features = self._out_features()
         if values.shape[0] == out_features:
             return _fanin_matmul(x, values, indices, bias)
@@ -216,7 +223,7 @@ class CondensedLinear(_CondensedLayer):
     window_inference: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             y = self._inference(x)
             if y is not None:
                 return y

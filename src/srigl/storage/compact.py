@@ -57,7 +57,11 @@ def check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]
 
 def dense_weight_grad(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """Gradient of the loss w.r.t. the dense weight of a compact ``module`` as ``(out, fan_in)``: what
-    autograd computes for a dense layer, from the layer's input and output gradient."""
+    autograd computes for a dense layer, from the layer's input and output gradient. Under autocast
+    the two may differ in dtype (an fp32 input, a bf16 gradient): the product is formed in at least
+    fp32, so regrowth scores do not tie where bf16 would round them together."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, grad_out.dtype), torch.float32)
+    x, grad_out = x.to(dtype), grad_out.to(dtype)
     if isinstance(module, CondensedLinear):
         x_2d = x.reshape(-1, x.shape[-1])  # (N, in), N = every leading dim
         g_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
