@@ -4,6 +4,16 @@ Metadata checks (:func:`_check_operands`) read no data and run on every call. Th
 (:func:`check_indices`) reads every index, which costs about as much as a batch-1 product, so
 :func:`validate_indices_once` remembers which tensors passed and re-checks one only after an
 in-place change or a storage swap.
+
+That memory cannot see every write: one through ``tensor.data`` (a second tensor with its own
+version counter) or through a numpy view changes neither the version nor the storage. So the
+compiled kernel does not rely on it: every C++ product checks its indices' range itself in one
+vectorised pass (``check_index_range`` in ``csrc/checks.h``; about 2 % of a batch-1 product,
+results/kernel_tuning.md) and fails with a RuntimeError that :func:`raise_index_error` turns into
+:class:`IndexOutOfRangeError`. The window-layout copy a :class:`~srigl.condensed.CondensedLinear`
+keeps for small batches was validated when it was packed and is never read out of range either,
+but it does not see such a write and keeps computing with the old indices; change indices in place
+on the buffer itself (``layer.indices.copy_(...)`` under ``torch.no_grad()``) to have it repacked.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ __all__ = [
     "IndexOutOfRangeError",
     "check_indices",
     "index_dtype_for",
+    "raise_index_error",
     "validate_indices_once",
 ]
 
@@ -112,6 +123,24 @@ def validate_indices_once(indices: torch.Tensor, in_features: int) -> None:
     bound = int(indices.max()) + 1 if indices.numel() else 0
     _validated[key] = (weakref.ref(indices, lambda _, key=key: _validated.pop(key, None)), version,
                        indices.data_ptr(), bound)
+
+
+#: What the C++ kernel's own range check says (csrc/checks.h, check_index_range).
+KERNEL_INDEX_ERROR = "srigl_fanin: indices out of range"
+
+
+def raise_index_error(error: RuntimeError, indices: torch.Tensor, in_features: int) -> None:
+    """Re-raises the compiled kernel's index range failure as :class:`IndexOutOfRangeError`.
+
+    The kernel found an index outside ``[0, in_features)`` that :func:`validate_indices_once` had
+    let through (it was written where no version counter sees it); the tensor is forgotten and
+    checked again, which names the first offender. Any other RuntimeError is re-raised unchanged.
+    """
+    if KERNEL_INDEX_ERROR not in str(error):
+        raise error
+    _validated.pop(id(indices), None)
+    check_indices(indices, in_features)
+    raise IndexOutOfRangeError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
 
 
 def _check_operands(
