@@ -318,15 +318,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        if _refused_as_unsafe(e):
+            # Every record passed its CRC above, so this is no damage: the pickle asks for objects a
+            # weights-only load does not build. torch's message advises weights_only=False, which
+            # would run whatever the file names; that advice is not passed on (hence `from None`).
+            raise CheckpointError(
+                f"{path}: refused to load checkpoint as unsafe: it holds Python objects beyond tensors, numbers, "
+                f"strings and containers ({_unsafe_detail(e)}), and unpickling them could run code stored in the "
+                "file. A srigl checkpoint never holds such objects: this file was not written by "
+                "srigl.save_checkpoint, or was altered."
+            ) from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
-        if "WeightsUnpickler error" in str(e):
-            cause = "it holds Python objects a weights-only load refuses to unpickle (not a srigl checkpoint?)"
-        else:
-            cause = f"the file is corrupt or truncated ({size} bytes)"
-        raise CheckpointError(f"{path}: cannot read checkpoint: {cause}: {type(e).__name__}: {detail}") from e
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint: the file is corrupt or truncated ({size} bytes): {type(e).__name__}: {lines[0]}"
+        ) from e
     _check_format(state, str(path))
     return state
+
+
+# How torch's weights-only unpickler has said "I refuse this object" across versions.
+_UNSAFE_MARKERS = ("Weights only load failed", "WeightsUnpickler error", "Unsupported global", "unsupported GLOBAL")
+
+
+def _refused_as_unsafe(error: Exception) -> bool:
+    import pickle
+
+    return isinstance(error, pickle.UnpicklingError) or any(marker in str(error) for marker in _UNSAFE_MARKERS)
+
+
+def _unsafe_detail(error: Exception) -> str:
+    """The line of torch's message that names the refused object, without its advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line or "WeightsUnpickler error" in line]
+    detail = named[0] if named else "an object the weights-only unpickler refuses"
+    # Only the first sentence: the rest is torch's advice on allow-listing the object.
+    return detail.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")
 
 
 # ---------------------------------------------------------------------- restoring
