@@ -22,8 +22,9 @@ Three promises:
   the target name, never a partial one. A killed save may leave its hidden ``.<name>.<pid>.<rand>.tmp``
   file behind; nothing here ever loads such a file.
 * **Refuse before touching.** :func:`restore_training_state` checks the model fingerprint, the
-  sparsifier configuration, the optimizer and the scheduler against the live objects first and only
-  then loads anything, so a refused checkpoint leaves model, optimizer and sparsifier as they were.
+  sparsifier configuration, the optimizer and the scheduler against the live objects, and rehearses
+  every RNG state on a throwaway generator, first and only then loads anything, so a refused
+  checkpoint leaves model, optimizer, sparsifier and the global RNGs as they were.
 * **Exact resume.** Model, optimizer, LR scheduler, sparsifier (masks, step, generator) and the torch,
   CUDA, numpy and Python RNG states are restored, so ``N`` steps straight and ``N/2 + N/2`` steps with a
   save, a new process and a restore in between give identical tensors. The data order must come back
@@ -169,6 +170,58 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         numpy.random.set_state(
             (np_state["bit_generator"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
         )
+
+
+def check_rng_states(states: Any, where: str = "checkpoint") -> None:
+    """Raises :class:`CheckpointError` unless :func:`set_rng_states` would accept ``states``.
+
+    Each state is rehearsed on a throwaway generator (a fresh ``torch.Generator``, ``random.Random``,
+    ``numpy.random.RandomState``), so nothing global changes and a malformed entry is found before
+    a restore has loaded anything.
+    """
+    import random
+
+    if not isinstance(states, Mapping) or "torch" not in states or "python" not in states:
+        raise CheckpointError(f"{where}: the 'rng' entry must be a dict with 'torch' and 'python' states, got {states!r:.80}")
+
+    def rehearse(name: str, restore) -> None:
+        try:
+            restore(states[name])
+        except Exception as error:
+            raise CheckpointError(
+                f"{where}: RNG state {name!r} is malformed ({type(error).__name__}: {error}); nothing was restored"
+            ) from None
+
+    def torch_state(state):
+        torch.Generator().set_state(state.cpu())
+
+    def cuda_states(states_):
+        for state in states_ or ():
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+                raise TypeError(f"expected 1-D uint8 tensors, got {type(state).__name__}")
+
+    def python_state(state):
+        internal = state["internal"]
+        if not isinstance(internal, torch.Tensor):
+            raise TypeError(f"'internal' must be a tensor, got {type(internal).__name__}")
+        random.Random().setstate((state["version"], tuple(internal.cpu().tolist()), state["gauss_next"]))
+
+    def numpy_state(state):
+        if state is None:
+            return
+        import numpy
+
+        numpy.random.RandomState().set_state(
+            (state["bit_generator"], state["keys"].cpu().numpy().astype(numpy.uint32), state["pos"],
+             state["has_gauss"], state["cached_gaussian"])
+        )
+
+    rehearse("torch", torch_state)
+    rehearse("python", python_state)
+    if "cuda" in states:
+        rehearse("cuda", cuda_states)
+    if "numpy" in states:
+        rehearse("numpy", numpy_state)
 
 
 def training_state(
@@ -463,6 +516,19 @@ def _check_optimizer(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
         raise CheckpointMismatchError(f"checkpoint optimizer state has other shapes: {bad[:8]}")
 
 
+def _check_entry_types(state: Mapping[str, Any]) -> None:
+    """The top-level entries have the container types a restore reads (a hand-edited file may not)."""
+    expected = {"model": Mapping, "fingerprint": Mapping, "optimizer": Mapping, "extra": Mapping}
+    wrong = [f"{key!r} is a {type(state[key]).__name__}" for key, kind in expected.items() if not isinstance(state[key], kind)]
+    optimizer = state["optimizer"]
+    if isinstance(optimizer, Mapping) and not (
+        isinstance(optimizer.get("state"), Mapping) and isinstance(optimizer.get("param_groups"), (list, tuple))
+    ):
+        wrong.append("'optimizer' lacks its 'state' dict or 'param_groups' list")
+    if wrong:
+        raise CheckpointError(f"checkpoint entries have the wrong type: {'; '.join(wrong)}; nothing was restored")
+
+
 def _check_scheduler(state: Mapping[str, Any], scheduler: Any) -> None:
     saved_class = state.get("scheduler_class")
     if scheduler is None:
@@ -502,19 +568,22 @@ def restore_training_state(
         The ``extra`` dict given to :func:`training_state` (epoch, step, ...).
 
     Raises:
-        CheckpointError: ``state`` is not a srigl checkpoint.
+        CheckpointError: ``state`` is not a srigl checkpoint, or one of its entries is malformed
+            (an RNG state that the generator would refuse, ``extra`` not a dict, ...).
         CheckpointMismatchError: the checkpoint belongs to another model (missing / unexpected /
             other-shaped names listed), another sparsity, algorithm, distribution or structure (both
             values named), another optimizer or scheduler, or it has a sparsifier or scheduler where
             none was given (or the reverse).
     """
     _check_format(state, "state")
+    _check_entry_types(state)
     module = unwrap(model)
     flexible = _compact_prefixes(state, sparsifier)
     _check_model(state, module, flexible)
     _check_sparsifier(state, sparsifier, module, optimizer)
     _check_optimizer(state, optimizer, module, flexible)
     _check_scheduler(state, scheduler)
+    check_rng_states(state["rng"])
 
     # The sparsifier first: it checks its own state before changing anything, and a compact one
     # resizes its layers to the saved layouts, which the model and optimizer states then fill.
