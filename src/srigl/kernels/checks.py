@@ -8,7 +8,7 @@ in-place change or a storage swap.
 That memory cannot see every write: one through ``tensor.data`` (a second tensor with its own
 version counter) or through a numpy view changes neither the version nor the storage. So the
 compiled kernel does not rely on it: every C++ product checks its indices' range itself in one
-vectorised pass (``check_index_range`` in ``csrc/checks.h``; about 2 % of a batch-1 product,
+vectorised pass (``check_index_range`` in ``csrc/checks.h``; about 5 % of a batch-1 gather product,
 results/kernel_tuning.md) and fails with a RuntimeError that :func:`raise_index_error` turns into
 :class:`IndexOutOfRangeError`. The window-layout copy a :class:`~srigl.condensed.CondensedLinear`
 keeps for small batches was validated when it was packed and is never read out of range either,
@@ -130,17 +130,18 @@ KERNEL_INDEX_ERROR = "srigl_fanin: indices out of range"
 
 
 def raise_index_error(error: RuntimeError, indices: torch.Tensor, in_features: int) -> None:
-    """Re-raises the compiled kernel's index range failure as :class:`IndexOutOfRangeError`.
+    """Re-raises a backend's failure on an out-of-range index as :class:`IndexOutOfRangeError`.
 
-    The kernel found an index outside ``[0, in_features)`` that :func:`validate_indices_once` had
-    let through (it was written where no version counter sees it); the tensor is forgotten and
-    checked again, which names the first offender. Any other RuntimeError is re-raised unchanged.
+    The C++ kernel's own range check (or torch's, on the reference backend) found an index that
+    :func:`validate_indices_once` had let through, because it was written where no version counter
+    sees it. The tensor is forgotten and checked again, which names the first offender; a failure
+    for any other reason is re-raised unchanged.
     """
-    if KERNEL_INDEX_ERROR not in str(error):
-        raise error
     _validated.pop(id(indices), None)
-    check_indices(indices, in_features)
-    raise IndexOutOfRangeError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
+    check_indices(indices, in_features)  # raises when an index is out of range
+    if KERNEL_INDEX_ERROR in str(error):
+        raise IndexOutOfRangeError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
+    raise error
 
 
 def _check_operands(
