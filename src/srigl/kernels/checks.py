@@ -8,7 +8,7 @@ in-place change or a storage swap.
 That memory cannot see every write: one through ``tensor.data`` (a second tensor with its own
 version counter) or through a numpy view changes neither the version nor the storage. So the
 compiled kernel does not rely on it: every C++ product checks its indices' range itself in one
-vectorised pass (``check_index_range`` in ``csrc/checks.h``; about 5 % of a batch-1 gather product,
+vectorised pass (``check_index_range`` in ``csrc/checks.h``; a few percent of a batch-1 gather product,
 results/kernel_tuning.md) and fails with a RuntimeError that :func:`raise_index_error` turns into
 :class:`IndexOutOfRangeError`. The window-layout copy a :class:`~srigl.condensed.CondensedLinear`
 keeps for small batches was validated when it was packed and is never read out of range either,
