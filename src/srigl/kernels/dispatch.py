@@ -229,8 +229,9 @@ def fanin_matmul(
         values: (out_features, k), x's dtype.
         indices: (out_features, k) int16/int32/int64 in ``[0, in_features)``; see
             :func:`index_dtype_for`. Validated on first use and again only after an in-place
-            change; not inside ``torch.compile`` graphs (see the module docstring). Duplicates
-            within a row add up.
+            change; not inside ``torch.compile`` graphs (see the module docstring). The C++
+            backend also checks their range on every call, so a write the validation cache cannot
+            see (through ``.data`` or numpy) is refused, not read. Duplicates within a row add up.
         bias: optional (out_features,), x's dtype.
         backend: ``"cpp"``, ``"triton"`` or ``"torch"`` to force one (errors if it cannot run);
             None picks the fastest available (:func:`backend_name`).
