@@ -116,6 +116,10 @@ def register_serializable(cls: type[nn.Module], name: str | None = None, args: A
 
     Returns:
         ``cls``, so that this also works as a class decorator.
+
+    ``cls`` must be constructible under ``with torch.device("meta")`` (as torch's own layers are):
+    :func:`load_condensed` builds the spec there, so that no memory is spent on sizes the stored
+    tensors have not confirmed.
     """
     name = name or cls.__name__
     if name in SERIALIZABLE and SERIALIZABLE[name][0] is not cls:
