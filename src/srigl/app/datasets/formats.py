@@ -116,10 +116,12 @@ def _parse_idx(path: Path, stream: BinaryIO, compressed: bool) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for any header
     payload = _read_up_to(stream, expected + 1)  # one byte more than promised: is there more?
     if len(payload) != expected:
-        holds = f"more than {expected} (reading stopped there)" if len(payload) > expected else str(len(payload))
+        more = len(payload) > expected
+        holds = f"more than {expected} (reading stopped there)" if more else str(len(payload))
         raise CorruptDatasetError(
             f"{path}: header promises shape {tuple(shape)} = {expected} data bytes, "
-            f"but the file holds {holds}{' once decompressed' if compressed else ''} (truncated or not an idx file)"
+            f"but the file holds {holds}{' once decompressed' if compressed else ''} "
+            f"({'not an idx file' if more else 'truncated or not an idx file'})"
         )
     array = np.frombuffer(payload, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
