@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import srigl
+from srigl.app.datasets import CorruptDatasetError
 from srigl.io.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from srigl.errors import (
     CheckpointError,
@@ -35,6 +36,8 @@ from srigl.errors import (
     StateDictMismatchError,
     StepOrderError,
 )
+from srigl.io.serialization import CorruptFileError
+from srigl.kernels import IndexOutOfRangeError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 
@@ -215,6 +218,100 @@ def _copy_trained_without_its_sparsifier():
     clone(torch.randn(4, 10)).sum().backward()
     clone_opt.step()
     srigl.condense(clone)
+# ---------------------------------------------------------------------- #14 io: crafted files
+def _crafted_condensed(spec, tensors) -> Path:
+    """``f.safetensors`` in the current directory: ``spec`` and ``tensors`` with a valid checksum."""
+    import json
+
+    from safetensors.torch import save
+
+    from srigl.io import serialization
+
+    metadata = {"srigl.format": serialization.FORMAT, "srigl.spec": json.dumps(spec)}
+    metadata["srigl.sha256"] = serialization._digest(tensors, metadata)
+    Path("f.safetensors").write_bytes(save(tensors, metadata=metadata))
+    return Path("f.safetensors")
+
+
+def _load_crafted(spec, tensors=None):
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        srigl.load_condensed(_crafted_condensed(spec, tensors or {"dummy": torch.zeros(1)}))
+
+
+def _condensed_linear_file(active_rows):
+    spec = {"type": "CondensedLinear", "children": {}, "args": {
+        "in_features": 64, "out_features": 8, "fan_in": 4, "n_active": len(active_rows), "bias": True,
+        "index_dtype": {"dtype": "int16"}}}
+    tensors = {"values": torch.ones(len(active_rows), 4), "indices": torch.zeros(len(active_rows), 4, dtype=torch.int16),
+               "active_rows": torch.tensor(active_rows), "bias": torch.zeros(8)}
+    _load_crafted(spec, tensors)
+
+
+def _spec_byte_flipped():
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        path = srigl.save_condensed(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.01)), "m.safetensors")
+        path.write_bytes(path.read_bytes().replace(b'negative_slope\\": 0.01', b'negative_slope\\": 0.91'))
+        srigl.load_condensed(path)
+
+
+def _export_negative_index():
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 8)
+    mask = torch.zeros(8, 20, dtype=torch.bool)
+    mask[:, :5] = True
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    layer = srigl.condensed.CondensedLinear.from_dense(linear, mask)
+    with torch.no_grad():
+        layer.indices[1, 0] = -5
+    with tempfile.TemporaryDirectory() as tmp:
+        srigl.export_onnx(nn.Sequential(layer), torch.randn(2, 20), Path(tmp) / "m.onnx")
+
+
+def _indices_written_through_data():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)
+    mask = torch.zeros(16, 64, dtype=torch.bool)
+    mask[:, :4] = True
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    layer = srigl.condensed.CondensedLinear.from_dense(linear, mask)
+    x = torch.randn(200, 64)
+    with torch.no_grad():
+        layer(x)  # validated once
+        layer.indices.data.fill_(32767)  # no version counter sees this write
+        layer(x)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _pickle_payload_checkpoint():
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        torch.save({"format": "srigl.checkpoint", "format_version": 1, "extra": _Payload()}, "last.pt")
+        load_checkpoint("last.pt")
+
+
+def _malformed_rng_entry():
+    model, opt = mlp()
+    state = training_state(model, opt, srigl.SRigL(model, opt, sparsity=0.5, total_steps=100))
+    state["rng"]["python"]["internal"] = torch.zeros(10, dtype=torch.int64)
+    model2, opt2 = mlp(seed=1)
+    restore_training_state(state, model2, opt2, srigl.SRigL(model2, opt2, sparsity=0.5, total_steps=100))
+
+
+def _gzip_bomb_idx():
+    import gzip
+    import struct
+
+    from srigl.app.datasets import read_idx
+
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        header = struct.pack(">IIII", 0x00000803, 10, 28, 28)  # promises 7840 bytes
+        Path("train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(1 << 24), compresslevel=1))
+        read_idx("train-images-idx3-ubyte.gz")
 
 
 @dataclass(frozen=True)
@@ -342,6 +439,40 @@ CASES = [
          r"0.weight: the loaded weights have \d+ non-zeros outside the sparsifier's mask"),
     Case("`copy.deepcopy(model)` trained without the sparsifier, then condensed", "refused by `condense`: weights outside the copied masks",
          _copy_trained_without_its_sparsifier, MaskError, r"0.weight: \d+ weights are nonzero where the mask is False"),
+    # --- #14 io
+    Case("condensed file of 300 bytes whose spec declares `Linear(60000, 60000)`",
+         "refused before allocating anything (the spec is built on the meta device)",
+         lambda: _load_crafted({"type": "Linear", "args": {"in_features": 60000, "out_features": 60000, "bias": False},
+                                "children": {}}, {"weight": torch.zeros(1)}),
+         CorruptFileError, r"f.safetensors: tensors of the file's module spec disagree with the tensors stored: "
+                           r"1 with other shapes \[weight: spec \(60000, 60000\), stored \(1,\)\]"),
+    Case("condensed file with one flipped byte in its module spec", "refused: the checksum covers the spec",
+         _spec_byte_flipped, CorruptFileError, r"m.safetensors: tensor data or header does not match the checksum"),
+    Case("condensed file whose spec gives `CondensedConv2d` `groups=0`", "refused; names the argument",
+         lambda: _load_crafted({"type": "CondensedConv2d", "children": {}, "args": {
+             "in_channels": 2, "out_channels": 2, "kernel_size": [1, 1], "fan_in": 1, "n_active": 2, "groups": 0}}),
+         CorruptFileError, r"f.safetensors: the root: CondensedConv2d argument 'groups' must be an integer >= 1, got 0"),
+    Case("condensed file whose spec gives a dtype argument `{\"dtype\": \"load\"}`", "refused; nothing is looked up",
+         lambda: _load_crafted({"type": "Linear", "children": {}, "args": {
+             "in_features": 2, "out_features": 2, "dtype": {"dtype": "load"}}}),
+         CorruptFileError, r"the root: Linear argument 'dtype': \{'dtype': 'load'\} is not a dtype"),
+    Case("condensed file with repeated `active_rows`", "refused (each would overwrite the other's output)",
+         lambda: _condensed_linear_file([0, 0, 0, 0]), CorruptFileError,
+         r"f.safetensors: the root: active_rows repeats at position 1 \(active_rows\[0\] = 0, active_rows\[1\] = 0\)"),
+    Case("ONNX export of a layer with a negative index", "refused (onnxruntime would wrap it around)",
+         _export_negative_index, IndexOutOfRangeError,
+         r"0: indices must lie in \[0, 20\); found min -5 .*first offender indices\[1, 0\] = -5"),
+    Case("indices overwritten through `.data` after a validated call", "refused by the kernel's own range check, "
+         "never read out of bounds", _indices_written_through_data, IndexOutOfRangeError,
+         r"indices must lie in \[0, 64\); found min 32767 and max 32767"),
+    Case("checkpoint carrying a pickle payload (`os.system`)", "refused as unsafe; nothing runs",
+         _pickle_payload_checkpoint, CheckpointError,
+         r"last.pt: refused to load checkpoint as unsafe: it holds Python objects beyond tensors.*GLOBAL"),
+    Case("checkpoint with a malformed Python RNG state", "refused before anything is loaded",
+         _malformed_rng_entry, CheckpointError, r"checkpoint: RNG state 'python' is malformed \(ValueError"),
+    Case("gzipped idx file inflating far beyond its header (a gzip bomb)", "refused after one byte past the header's promise",
+         _gzip_bomb_idx, CorruptDatasetError,
+         r"promises shape \(10, 28, 28\) = 7840 data bytes, but the file holds more than 7840 \(reading stopped there\)"),
 ]
 
 

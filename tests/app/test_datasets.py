@@ -649,3 +649,33 @@ def test_real_fashion_mnist():
     assert test.labels.bincount().tolist() == [1000] * 10
     pixels = train.images.float() / 255
     assert abs(float(pixels.mean()) - info.mean[0]) < 1e-3 and abs(float(pixels.std()) - info.std[0]) < 1e-3
+
+
+def test_read_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    """Red-team L15: a small .gz whose stream holds far more than its idx header promises was inflated
+    whole (13 MB -> 3 GB) before the header was checked."""
+    import tracemalloc
+    import zlib
+
+    header = struct.pack(">IIII", 0x00000803, 10, 28, 28)  # promises 10 * 28 * 28 = 7840 bytes
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    zeros = bytes(1 << 20)
+    parts = [compressor.compress(header)] + [compressor.compress(zeros) for _ in range(64)] + [compressor.flush()]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(b"".join(parts))  # about 64 KB holding 64 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptDatasetError, match=r"promises shape \(10, 28, 28\) = 7840 data bytes, but the file "
+                                                      r"holds more than 7840 \(reading stopped there\) once decompressed"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB while refusing a {path.stat().st_size} byte file"
+
+
+def test_read_idx_header_promising_more_than_any_file_is_refused(tmp_path):
+    path = tmp_path / "huge"
+    path.write_bytes(struct.pack(">IIIII", 0x00000804, 2**32 - 1, 2**32 - 1, 2**32 - 1, 2**32 - 1) + bytes(8))
+    with pytest.raises(CorruptDatasetError, match=r"= 340282366604025813516997721482669850625 data bytes, but the file holds 8"):
+        read_idx(path)

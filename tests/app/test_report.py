@@ -124,3 +124,37 @@ def test_report_reads_a_real_run(tmp_path):
     (record,) = load_runs([run])
     assert (record.method, record.sparsity, record.label) == ("rigl", 0.8, "rigl")
     assert write_report([run], tmp_path / "out").exists()
+
+
+def test_copied_run_is_counted_once_with_a_warning(study, tmp_path):
+    """Red-team L14: a backup copy of a run folder was counted as a second seed (n = 2, std 0)."""
+    import shutil
+
+    original = next(p for p in study.iterdir() if p.name.endswith("rigl-None-0.99-0"))
+    shutil.copytree(original, study / "zz-backup")
+    with pytest.warns(UserWarning, match=r"zz-backup repeats .*rigl-None-0.99-0 \(same config and seed 0"):
+        runs = load_runs([study])
+    assert len(runs) == 8  # the study's 8 runs, the copy left out
+    cell = next(c for c in aggregate(runs) if (c.model, c.label) == ("mlp", "rigl"))
+    assert (cell.n, cell.seeds) == (3, (0, 1, 2))
+
+
+def test_summary_strings_cannot_inject_markdown(tmp_path):
+    """Red-team L14: a '|' or a line break in summary.json strings made rows of their own in report.md."""
+    evil = "mlp | 99.99 ± 0.00 | x |\n| fashion-mnist | injected | rigl | 99 | 99.99 ± 0.00"
+    fake_run(tmp_path / "runs", evil, "rigl", 0.9, 0, 0.8, 0.5)
+    report = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert not any(line.startswith("| fashion-mnist | injected") for line in rows)
+    row = next(line for line in rows if "injected" in line)
+    assert row.count("\\|") == 8 and row.replace("\\|", "").count("|") == 8  # 7 columns: 8 real bars
+    assert not any(line.startswith("## ") and "\n" in line for line in report.splitlines())
+
+
+def test_non_string_names_in_summary_are_refused(tmp_path):
+    path = fake_run(tmp_path / "runs", "mlp", "rigl", 0.9, 0, 0.8, 0.5)
+    summary = json.loads((path / "summary.json").read_text())
+    summary["config"]["model"] = ["mlp"]
+    (path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ReportError, match=r"'model' must be a string"):
+        load_runs([path])

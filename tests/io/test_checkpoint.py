@@ -495,9 +495,12 @@ def test_pickled_code_is_never_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"format": "srigl.checkpoint", "payload": _Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.pt: .*weights-only load refuses.*Unsupported global"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load checkpoint as unsafe: .*GLOBAL getattr") as info:
         load_checkpoint(path)
     assert not marker.exists()
+    # Red-team L2: torch's own advice, "re-run torch.load with weights_only=False", would run the payload.
+    assert not any(word in str(info.value) for word in ("weights_only", "safe_globals", "corrupt"))
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_newer_format_version_is_refused(tmp_path):
@@ -535,6 +538,41 @@ def test_other_model_is_refused_with_names(tmp_path):
         r"3 with other shapes \[0.bias: checkpoint \[8\] vs model \[10\]; 0.weight: checkpoint \[8, 6\] vs model \[10, 6\]",
     )
     assert _digest(path) == digest  # nothing the user saved is touched by a refusal
+
+
+def _set_entry(state, path, value):
+    *parents, last = path
+    for key in parents:
+        state = state[key]
+    state[last] = value
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("rng", "python", "internal"), torch.zeros(10, dtype=torch.int64), r"RNG state 'python' is malformed \(ValueError"),
+        (("rng", "python", "version"), 99, r"RNG state 'python' is malformed"),
+        (("rng", "torch"), torch.zeros(7, dtype=torch.uint8), r"RNG state 'torch' is malformed \(RuntimeError"),
+        (("rng", "torch"), "abc", r"RNG state 'torch' is malformed \(AttributeError"),
+        (("rng", "numpy", "keys"), torch.zeros(5, dtype=torch.int64), r"RNG state 'numpy' is malformed \("),
+        (("rng", "cuda"), [torch.zeros(3)], r"RNG state 'cuda' is malformed \(TypeError"),
+        (("rng",), [1, 2], r"the 'rng' entry must be a dict with 'torch' and 'python' states"),
+        (("extra",), [1, 2], r"checkpoint entries have the wrong type: 'extra' is a list"),
+    ],
+    ids=["python-internal", "python-version", "torch-size", "torch-type", "numpy-keys", "cuda-dtype", "rng-list", "extra-list"],
+)
+def test_malformed_entry_is_refused_before_anything_is_loaded(path, value, match):
+    """Red-team L12: a malformed RNG entry was found only after model, optimizer and sparsifier were loaded."""
+    import random
+
+    pytest.importorskip("numpy")
+    model, opt, sp = _small()
+    state = training_state(model, opt, sp)
+    _set_entry(state, path, value)
+    model2, opt2, sp2 = _small(seed=1)
+    python_rng = random.getstate()
+    _refuses(state, model2, opt2, sp2, match, error=CheckpointError)
+    assert random.getstate() == python_rng
 
 
 def test_other_dtype_is_refused():

@@ -56,3 +56,17 @@ def test_condensed_attention_block_exports(tmp_path):
     condensed = condense(model, masks)
     assert type(condensed.attn) is CondensedMultiheadAttention and condensed.attn.in_proj.n_active < 48
     _assert_onnx_matches(model, condensed, (2, 5, 16), tmp_path / "attn.onnx")
+
+
+@pytest.mark.parametrize("bad", [-5, 20], ids=["negative", "too-large"])
+def test_out_of_range_indices_are_refused_before_export(tmp_path, bad):
+    """Red-team L4: eager refuses a negative index, but onnxruntime's Gather wraps -5 to in_features - 5."""
+    from srigl.kernels import IndexOutOfRangeError
+
+    torch.manual_seed(0)
+    condensed = condense(sparsify(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 4))))
+    with torch.no_grad():
+        condensed[0].indices[1, 0] = bad
+    with pytest.raises(IndexOutOfRangeError, match=rf"^0: indices must lie in \[0, 20\).*indices\[1, 0\] = {bad}"):
+        export_onnx(condensed, torch.randn(2, 20), tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

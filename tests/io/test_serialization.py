@@ -204,3 +204,171 @@ def test_every_registry_model_round_trips_with_a_skeleton(model_name, tmp_path):
     assert any(isinstance(m, (CondensedLinear, CondensedConv2d)) for m in loaded.modules())
     if model_name == "vit-tiny":
         assert isinstance(loaded.blocks[0].attn, CondensedMultiheadAttention)
+
+
+# ---------------------------------------------------------------------- crafted files (#14)
+def write_crafted(path, spec, tensors, *, format_=None, spec_text=None):
+    """A file as save_condensed would write it for ``spec`` and ``tensors``, with a valid checksum
+    (anyone can recompute it), so that only the content under test is wrong."""
+    import json
+
+    from safetensors.torch import save
+
+    from srigl.io import serialization
+
+    metadata = {"srigl.format": format_ or serialization.FORMAT,
+                "srigl.spec": spec_text if spec_text is not None else json.dumps(spec)}
+    legacy = metadata["srigl.format"] == "srigl-condensed/1"
+    metadata["srigl.sha256"] = serialization._digest(tensors, None if legacy else metadata)
+    path.write_bytes(save(tensors, metadata=metadata))
+    return path
+
+
+def _linear_spec(in_features=64, out_features=8, fan_in=4, n_active=8, **extra):
+    args = {"in_features": in_features, "out_features": out_features, "fan_in": fan_in, "n_active": n_active,
+            "bias": True, "index_dtype": {"dtype": "int16"}, **extra}
+    return {"type": "CondensedLinear", "args": args, "children": {}}
+
+
+def _linear_tensors(active_rows=(0, 1, 2, 3, 4, 5, 6, 7), index=0):
+    n = len(active_rows)
+    return {"values": torch.ones(n, 4), "indices": torch.full((n, 4), index, dtype=torch.int16),
+            "active_rows": torch.tensor(active_rows, dtype=torch.int64), "bias": torch.zeros(8)}
+
+
+_MEMORY_BOMB = """
+import resource, sys, time
+from srigl.io.serialization import CorruptFileError, load_condensed
+
+# The spec declares 14.4 GB + 64 GB: refuse such allocations outright rather than let the machine swap.
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 2**30, resource.RLIM_INFINITY))
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+try:
+    load_condensed(sys.argv[1])
+except CorruptFileError as error:
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"refused after {time.perf_counter() - start:.3f} s, peak RSS grew {grown:.1f} MB: {error}")
+    sys.exit(0 if grown < 100 else 4)
+print("loaded")
+sys.exit(3)
+"""
+
+
+def test_tiny_file_declaring_huge_layers_is_refused_before_allocating(tmp_path):
+    """Red-team F3: the spec's sizes are compared with the stored tensors before any memory is allocated."""
+    import subprocess
+    import sys
+
+    spec = {"type": "Sequential", "args": {}, "children": {
+        "0": {"type": "Linear", "args": {"in_features": 60000, "out_features": 60000, "bias": False}, "children": {}},
+        "1": {"type": "Conv2d", "args": {"in_channels": 4096, "out_channels": 4096, "kernel_size": [31, 31]},
+              "children": {}}}}
+    path = write_crafted(tmp_path / "bomb.safetensors", spec, {"0.weight": torch.zeros(1)})
+    assert path.stat().st_size < 1000
+    script = tmp_path / "bomb.py"
+    script.write_text(_MEMORY_BOMB)
+    done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "0.weight: spec (60000, 60000), stored (1,)" in done.stdout
+
+
+def test_flipped_byte_in_the_spec_is_refused(tmp_path):
+    """Red-team F9: the checksum covers the module spec (a LeakyReLU slope 0.01 -> 0.91 was loaded silently)."""
+    path = save_condensed(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.01), nn.Linear(16, 4)), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    at = data.find(b'negative_slope\\": 0.01') + len(b'negative_slope\\": 0.01') - 2
+    data[at] = ord("9")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="does not match the checksum"):
+        load_condensed(path)
+
+
+def test_flipped_byte_in_user_metadata_is_refused(tmp_path):
+    path = save_condensed(nn.Linear(2, 2), tmp_path / "m.safetensors", metadata={"model": "mlp"})
+    path.write_bytes(path.read_bytes().replace(b'"mlp"', b'"mlq"'))
+    with pytest.raises(CorruptFileError, match="does not match the checksum"):
+        load_condensed(path)
+
+
+def test_first_format_file_still_loads_with_a_warning(tmp_path):
+    """Files of format 1 (checksum over the tensors only) stay readable; the warning says what is unprotected."""
+    import json
+
+    from srigl.io.serialization import _spec
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    path = write_crafted(tmp_path / "v1.safetensors", None, dict(model.state_dict()),
+                         format_="srigl-condensed/1", spec_text=json.dumps(_spec(model)))
+    with pytest.warns(UserWarning, match="checksum does not cover the module spec"):
+        loaded = load_condensed(path)
+    assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"type": "Linear", "args": {"in_features": 2, "out_features": 2, "dtype": {"dtype": "load"}}, "children": {}},
+         r"Linear argument 'dtype': \{'dtype': 'load'\} is not a dtype"),
+        (_linear_spec(index_dtype={"dtype": "no_such_attr"}), r"CondensedLinear argument 'index_dtype': .* is not a dtype"),
+        ({"type": "Linear", "args": {"in_features": {"x": 1}, "out_features": 2}, "children": {}},
+         r"Linear argument 'in_features': \{'x': 1\} is not a dtype"),
+        ({"type": "Linear", "args": {"in_features": 2, "out_features": 2, "evil": 1}, "children": {}},
+         r"Linear takes no argument 'evil'"),
+        ({"type": "Linear", "args": {"in_features": -1, "out_features": 2}, "children": {}},
+         r"Linear argument 'in_features' must be an integer >= 0, got -1"),
+        ({"type": "Linear", "args": {"in_features": 2.5, "out_features": 2}, "children": {}},
+         r"Linear argument 'in_features' must be an integer >= 0, got 2.5"),
+        ({"type": "Linear", "args": {"out_features": 2}, "children": {}},
+         r"Linear arguments \{'out_features': 2\}: missing a required argument: 'in_features'"),
+        ({"type": "CondensedConv2d", "args": {"in_channels": 2, "out_channels": 2, "kernel_size": [1, 1], "fan_in": 1,
+                                              "n_active": 2, "groups": 0}, "children": {}},
+         r"CondensedConv2d argument 'groups' must be an integer >= 1, got 0"),
+        ({"type": "CondensedConv2d", "args": {"in_channels": 3, "out_channels": 2, "kernel_size": [1, 1], "fan_in": 1,
+                                              "n_active": 2, "groups": 2}, "children": {}},
+         r"cannot build CondensedConv2d from the spec arguments .*must divide by groups=2"),
+        ({"type": "CondensedMultiheadAttention", "args": {"embed_dim": 4, "num_heads": 0}, "children": {}},
+         r"CondensedMultiheadAttention argument 'num_heads' must be an integer >= 1, got 0"),
+        ({"type": "Linear", "args": {"in_features": 2, "out_features": 2}}, r"spec node has no 'children' object"),
+        ([1, 2], r"spec node is a list, expected an object"),
+        ({"type": "Sequential", "args": {}, "children": {"a.b": {"type": "ReLU", "args": {}, "children": {}}}},
+         r"child name 'a.b' is empty or contains a dot"),
+        ({"type": None, "children": {}}, r"unregistered module has no 'class' string"),
+        ({"type": "Sequential", "args": {}, "children": {"0": {"type": "os.system", "args": {}, "children": {}}}},
+         r"0: unknown module type 'os.system'"),
+        ({"type": "Sequential", "args": [], "children": {}}, r"Sequential has no 'args' object"),
+    ],
+    ids=["dtype-torch-load", "index-dtype-unknown", "dict-not-dtype", "unknown-kwarg", "negative-size", "float-size",
+         "missing-arg", "groups-0", "groups-not-dividing", "num-heads-0", "no-children", "list-root", "dotted-child",
+         "no-class", "unknown-type", "args-not-object"],
+)
+def test_crafted_spec_arguments_raise_corrupt_file_error_naming_the_argument(tmp_path, spec, match):
+    """Red-team L3: each of these escaped as TypeError / KeyError / RuntimeError / ZeroDivisionError."""
+    path = write_crafted(tmp_path / "f.safetensors", spec, {"dummy": torch.zeros(1)})
+    with pytest.raises(CorruptFileError, match=match):
+        load_condensed(path)
+
+
+@pytest.mark.parametrize(
+    "active_rows, index, match",
+    [
+        ((0, 0, 0, 0), 0, r"active_rows repeats at position 1 \(active_rows\[0\] = 0, active_rows\[1\] = 0\)"),
+        ((0, 2, 1, 3), 0, r"active_rows is not ascending at position 2 \(active_rows\[1\] = 2, active_rows\[2\] = 1\)"),
+        ((0, 1, 2, 8), 0, r"active_rows must lie in \[0, 8\), got \[0, 8\]"),
+        ((-1, 1, 2, 3), 0, r"active_rows must lie in \[0, 8\), got \[-1, 3\]"),
+        ((0, 1, 2, 3), -5, r"indices must lie in \[0, 64\); found min -5"),
+        ((0, 1, 2, 3), 64, r"indices must lie in \[0, 64\); found min 64 and max 64"),
+    ],
+    ids=["duplicate-rows", "unsorted-rows", "row-too-large", "negative-row", "negative-index", "index-too-large"],
+)
+def test_crafted_condensed_storage_is_refused_at_load(tmp_path, active_rows, index, match):
+    """Red-team L17: repeated active_rows loaded and ran, silently dropping all but one copy's output."""
+    path = write_crafted(tmp_path / "f.safetensors", _linear_spec(n_active=4), _linear_tensors(active_rows, index))
+    with pytest.raises(CorruptFileError, match="f.safetensors: the root: " + match):
+        load_condensed(path)
+
+
+def test_condensed_storage_that_disagrees_with_its_spec_is_refused(tmp_path):
+    path = write_crafted(tmp_path / "f.safetensors", _linear_spec(n_active=8), _linear_tensors((0, 1, 2, 3)))
+    with pytest.raises(CorruptFileError, match=r"values: spec \(8, 4\), stored \(4, 4\)"):
+        load_condensed(path)

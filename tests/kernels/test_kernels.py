@@ -384,6 +384,54 @@ def test_fanin_matmul_validates_and_revalidates_after_inplace_change(backend):
         fanin_matmul(torch.randn(2, 5), values, indices, backend=backend)
 
 
+# Red-team r08: after one validated call, indices written where no version counter sees it. Run in a
+# child process, so that an out-of-bounds read (a segfault) fails this test instead of ending pytest.
+_STALE_INDEX_SCRIPT = """
+import sys, torch
+from srigl.condensed import CondensedLinear
+from srigl.kernels import IndexOutOfRangeError
+how, batch, grad = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "grad"
+torch.manual_seed(0)
+lin = torch.nn.Linear(64, 16)
+mask = torch.zeros(16, 64, dtype=torch.bool)
+mask[:, :4] = True
+mask[3] = False  # one ablated row: the forward_rows route
+with torch.no_grad():
+    lin.weight.mul_(mask)
+layer = CondensedLinear.from_dense(lin, mask)
+layer.window_inference = False  # the window copy is validated when packed and never reads the indices
+x = torch.randn(batch, 64, requires_grad=grad)
+with torch.set_grad_enabled(grad):
+    layer(x)  # validates the indices once
+    if how == "numpy":
+        layer.indices.numpy()[:] = 32767
+    else:
+        layer.indices.data.fill_(-32768 if how == "negative" else 32767)  # in_features is 64
+    try:
+        y = layer(x)
+        if grad:
+            y.sum().backward()
+    except IndexOutOfRangeError as error:
+        print("refused:", error)
+        sys.exit(0)
+print("not refused")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "how, batch, grad",
+    [(how, batch, "no_grad") for how in ("data", "numpy", "negative") for batch in (1, 200)]
+    + [("data", 1, "grad"), ("data", 200, "grad")],
+)
+def test_indices_written_behind_the_validation_cache_are_refused_not_read(tmp_path, how, batch, grad):
+    script = tmp_path / "stale.py"
+    script.write_text(_STALE_INDEX_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), how, str(batch), grad], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode} (139 = segfault): {done.stdout}{done.stderr[-2000:]}"
+    assert "refused: " in done.stdout and "[0, 64)" in done.stdout
+
+
 @pytest.mark.parametrize(
     "mutate, pattern",
     [

@@ -7,6 +7,11 @@ sparsity), where the variant splits srigl by ablation on/off (``srigl (γ_sal=0.
 (``ddof = 1``, as the SRigL paper's tables; 0 for a single seed) of its final test accuracy and of
 its percentage of active neurons.
 
+A run folder copied (a backup next to the original) holds the same config and seed as the original:
+it is counted once, with a warning naming both folders, rather than as a second seed. Strings read
+from ``summary.json`` go into ``report.md`` with ``|`` escaped and line breaks replaced by spaces, so
+no value can end a table cell or start a row of its own.
+
 Outputs in ``--out DIR``: ``report.md``, ``accuracy_vs_sparsity.png``,
 ``active_neurons_vs_sparsity.png`` and ``fan_in_histogram.png`` (every layer of one chosen run).
 matplotlib is imported only to draw.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -124,6 +130,12 @@ def load_run(path: str | Path) -> RunRecord:
         raise ReportError(f"{file}: not valid JSON ({error})") from None
     try:
         config, final = summary["config"], summary["final"]
+        names = {key: config[key] for key in ("data", "model", "method")}
+        if summary.get("label") is not None:
+            names["label"] = summary["label"]
+        wrong = [key for key, value in names.items() if not isinstance(value, str)]
+        if wrong:
+            raise TypeError(f"{wrong[0]!r} must be a string, got {names[wrong[0]]!r:.60}")
         return RunRecord(
             path=path,
             data=config["data"],
@@ -146,9 +158,40 @@ def _label(method: str, gamma_sal: float | None) -> str:
     return method_label(method, gamma_sal)
 
 
+# Config entries that say where and how a run was executed, not what it computed.
+_PLACE_KEYS = frozenset({"out", "data_dir", "plot", "threads", "progress", "device"})
+
+
+def _identity(run: RunRecord) -> str:
+    """What makes two runs the same run: their config (seed included) without where it ran."""
+    config = {k: v for k, v in run.summary["config"].items() if k not in _PLACE_KEYS}
+    return json.dumps([run.label, config], sort_keys=True, default=str)
+
+
 def load_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
-    """Every run found under ``paths`` (see :func:`find_run_dirs`)."""
-    return [load_run(p) for p in find_run_dirs(paths)]
+    """Every distinct run found under ``paths`` (see :func:`find_run_dirs`).
+
+    A run whose config and seed repeat an earlier one's (a copied run folder) is left out with a
+    warning naming both folders: counted twice it would pass for a second seed with zero spread.
+    """
+    runs: dict[str, RunRecord] = {}
+    for path in find_run_dirs(paths):
+        run = load_run(path)
+        first = runs.setdefault(_identity(run), run)
+        if first is not run:
+            warnings.warn(
+                f"srigl report: {run.path} repeats {first.path} (same config and seed {run.seed}; a copied run "
+                "folder?): counted once",
+                UserWarning,
+                stacklevel=2,
+            )
+    return list(runs.values())
+
+
+def _md(value: object) -> str:
+    """``value`` as text that stays inside one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    text = " ".join(str(value).splitlines())
+    return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
 def _label_key(label: str) -> tuple[int, str]:
@@ -180,7 +223,7 @@ def markdown_table(cells: Sequence[Cell]) -> str:
     ]
     for c in cells:
         lines.append(
-            f"| {c.data} | {c.model} | {c.label} | {100 * c.sparsity:g} | {c.acc_mean:.2f} ± {c.acc_std:.2f} | "
+            f"| {_md(c.data)} | {_md(c.model)} | {_md(c.label)} | {100 * c.sparsity:g} | {c.acc_mean:.2f} ± {c.acc_std:.2f} | "
             f"{c.active_mean:.1f} ± {c.active_std:.1f} | {c.n} |"
         )
     return "\n".join(lines)
@@ -192,7 +235,7 @@ def pivot_table(cells: Sequence[Cell], data: str, model: str, value: str = "acc"
     labels = sorted({c.label for c in mine if c.label != "dense"}, key=_label_key)
     dense = next((c for c in mine if c.label == "dense"), None)
     head = "accuracy %" if value == "acc" else "active neurons %"
-    lines = ["| sparsity % | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines = ["| sparsity % | " + " | ".join(map(_md, labels)) + " |", "|---|" + "---|" * len(labels)]
     for sparsity in sorted({c.sparsity for c in mine if c.label != "dense"}):
         row = []
         for label in labels:
@@ -327,13 +370,13 @@ def write_report(
         "",
     ]
     for data, model in sorted({(c.data, c.model) for c in cells}):
-        lines += [f"## {model} on {data}", "", "Final test accuracy %:", "", pivot_table(cells, data, model, "acc"), ""]
+        lines += [f"## {_md(model)} on {_md(data)}", "", "Final test accuracy %:", "", pivot_table(cells, data, model, "acc"), ""]
         lines += ["Active neurons %:", "", pivot_table(cells, data, model, "active"), ""]
     lines += ["## All groups", "", markdown_table(cells), "", "## Plots", ""]
     lines += [f"![accuracy vs sparsity]({acc_png.name})", "", f"![active neurons vs sparsity]({active_png.name})", ""]
     if fan_png is not None:
         lines += [
-            f"Per-neuron fan-in of every layer of `{chosen.path.name}` ({chosen.label}, sparsity {chosen.sparsity:g}, "
+            f"Per-neuron fan-in of every layer of `{_md(chosen.path.name)}` ({_md(chosen.label)}, sparsity {chosen.sparsity:g}, "
             f"seed {chosen.seed}; ablated neurons have fan-in 0):",
             "",
             f"![fan-in histogram]({fan_png.name})",

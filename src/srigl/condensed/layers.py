@@ -20,6 +20,7 @@ from torch import nn
 from srigl.masks import get_mask
 from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
 from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
+from srigl.kernels.checks import FanInOperandError, check_indices
 from srigl.kernels.dispatch import place_active_rows
 from srigl.kernels.inference import WindowCache, condensed_linear_inference
 
@@ -83,6 +84,46 @@ class _CondensedLayer(nn.Module):
             self.active_rows.copy_(condensed.active_rows)
             if bias is not None:
                 self.bias.copy_(bias)
+
+    def check_storage(self) -> None:
+        """Checks that ``values``, ``indices``, ``active_rows`` and ``bias`` describe a valid layer.
+
+        For storage that did not come from :meth:`from_dense` (a loaded file, an edited tensor):
+        ``values`` and ``indices`` are ``(n_active, k)``, every index lies in the fan-in,
+        ``active_rows`` is an int64 ``(n_active,)`` strictly ascending in ``[0, out)`` (a repeated row
+        would silently drop the results of all but one of its copies) and the bias is ``(out,)``.
+        One vectorised pass over the indices; nothing is modified.
+
+        Raises:
+            FanInOperandError: a shape, dtype or row is wrong (the message names it).
+            IndexOutOfRangeError: an index outside the fan-in (first offender named).
+        """
+        values, indices, rows = self.values, self.indices, self.active_rows
+        out_features = self._out_features()
+        if values.dim() != 2 or indices.shape != values.shape:
+            raise FanInOperandError(
+                f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be (n_active, fan_in)"
+            )
+        n_active = values.shape[0]
+        if rows.dtype != torch.int64 or rows.shape != (n_active,):
+            raise FanInOperandError(f"active_rows must be int64 of shape ({n_active},), got {rows.dtype} {tuple(rows.shape)}")
+        if n_active > out_features:
+            raise FanInOperandError(f"{n_active} active rows, but the layer has only {out_features} outputs")
+        if self.bias is not None and self.bias.shape != (out_features,):
+            raise FanInOperandError(f"bias must be ({out_features},), got {tuple(self.bias.shape)}")
+        if n_active:
+            low, high = int(rows.min()), int(rows.max())
+            if low < 0 or high >= out_features:
+                raise FanInOperandError(f"active_rows must lie in [0, {out_features}), got [{low}, {high}]")
+            steps = rows[1:] - rows[:-1]  # (n_active - 1,)
+            if bool((steps <= 0).any()):
+                at = int((steps <= 0).nonzero()[0])
+                what = "repeats" if int(steps[at]) == 0 else "is not ascending"
+                raise FanInOperandError(
+                    f"active_rows {what} at position {at + 1} (active_rows[{at}] = {int(rows[at])}, "
+                    f"active_rows[{at + 1}] = {int(rows[at + 1])}); each output row is stored once, in ascending order"
+                )
+        check_indices(indices, self._in_features_flat())
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight viewed as ``(out, fan_in_flat)``, zero outside the mask (detached)."""

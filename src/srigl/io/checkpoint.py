@@ -22,8 +22,9 @@ Three promises:
   the target name, never a partial one. A killed save may leave its hidden ``.<name>.<pid>.<rand>.tmp``
   file behind; nothing here ever loads such a file.
 * **Refuse before touching.** :func:`restore_training_state` checks the model fingerprint, the
-  sparsifier configuration, the optimizer and the scheduler against the live objects first and only
-  then loads anything, so a refused checkpoint leaves model, optimizer and sparsifier as they were.
+  sparsifier configuration, the optimizer and the scheduler against the live objects, and rehearses
+  every RNG state on a throwaway generator, first and only then loads anything, so a refused
+  checkpoint leaves model, optimizer, sparsifier and the global RNGs as they were.
 * **Exact resume.** Model, optimizer, LR scheduler, sparsifier (masks, step, generator) and the torch,
   CUDA, numpy and Python RNG states are restored, so ``N`` steps straight and ``N/2 + N/2`` steps with a
   save, a new process and a restore in between give identical tensors. The data order must come back
@@ -169,6 +170,58 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         numpy.random.set_state(
             (np_state["bit_generator"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
         )
+
+
+def check_rng_states(states: Any, where: str = "checkpoint") -> None:
+    """Raises :class:`CheckpointError` unless :func:`set_rng_states` would accept ``states``.
+
+    Each state is rehearsed on a throwaway generator (a fresh ``torch.Generator``, ``random.Random``,
+    ``numpy.random.RandomState``), so nothing global changes and a malformed entry is found before
+    a restore has loaded anything.
+    """
+    import random
+
+    if not isinstance(states, Mapping) or "torch" not in states or "python" not in states:
+        raise CheckpointError(f"{where}: the 'rng' entry must be a dict with 'torch' and 'python' states, got {states!r:.80}")
+
+    def rehearse(name: str, restore) -> None:
+        try:
+            restore(states[name])
+        except Exception as error:
+            raise CheckpointError(
+                f"{where}: RNG state {name!r} is malformed ({type(error).__name__}: {error}); nothing was restored"
+            ) from None
+
+    def torch_state(state):
+        torch.Generator().set_state(state.cpu())
+
+    def cuda_states(states_):
+        for state in states_ or ():
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+                raise TypeError(f"expected 1-D uint8 tensors, got {type(state).__name__}")
+
+    def python_state(state):
+        internal = state["internal"]
+        if not isinstance(internal, torch.Tensor):
+            raise TypeError(f"'internal' must be a tensor, got {type(internal).__name__}")
+        random.Random().setstate((state["version"], tuple(internal.cpu().tolist()), state["gauss_next"]))
+
+    def numpy_state(state):
+        if state is None:
+            return
+        import numpy
+
+        numpy.random.RandomState().set_state(
+            (state["bit_generator"], state["keys"].cpu().numpy().astype(numpy.uint32), state["pos"],
+             state["has_gauss"], state["cached_gaussian"])
+        )
+
+    rehearse("torch", torch_state)
+    rehearse("python", python_state)
+    if "cuda" in states:
+        rehearse("cuda", cuda_states)
+    if "numpy" in states:
+        rehearse("numpy", numpy_state)
 
 
 def training_state(
@@ -318,15 +371,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        if _refused_as_unsafe(e):
+            # Every record passed its CRC above, so this is no damage: the pickle asks for objects a
+            # weights-only load does not build. torch's message advises weights_only=False, which
+            # would run whatever the file names; that advice is not passed on (hence `from None`).
+            raise CheckpointError(
+                f"{path}: refused to load checkpoint as unsafe: it holds Python objects beyond tensors, numbers, "
+                f"strings and containers ({_unsafe_detail(e)}), and unpickling them could run code stored in the "
+                "file. A srigl checkpoint never holds such objects: this file was not written by "
+                "srigl.save_checkpoint, or was altered."
+            ) from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
-        if "WeightsUnpickler error" in str(e):
-            cause = "it holds Python objects a weights-only load refuses to unpickle (not a srigl checkpoint?)"
-        else:
-            cause = f"the file is corrupt or truncated ({size} bytes)"
-        raise CheckpointError(f"{path}: cannot read checkpoint: {cause}: {type(e).__name__}: {detail}") from e
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint: the file is corrupt or truncated ({size} bytes): {type(e).__name__}: {lines[0]}"
+        ) from e
     _check_format(state, str(path))
     return state
+
+
+# How torch's weights-only unpickler has said "I refuse this object" across versions.
+_UNSAFE_MARKERS = ("Weights only load failed", "WeightsUnpickler error", "Unsupported global", "unsupported GLOBAL")
+
+
+def _refused_as_unsafe(error: Exception) -> bool:
+    import pickle
+
+    return isinstance(error, pickle.UnpicklingError) or any(marker in str(error) for marker in _UNSAFE_MARKERS)
+
+
+def _unsafe_detail(error: Exception) -> str:
+    """The line of torch's message that names the refused object, without its advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line or "WeightsUnpickler error" in line]
+    detail = named[0] if named else "an object the weights-only unpickler refuses"
+    # Only the first sentence: the rest is torch's advice on allow-listing the object.
+    return detail.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")
 
 
 # ---------------------------------------------------------------------- restoring
@@ -437,6 +516,19 @@ def _check_optimizer(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
         raise CheckpointMismatchError(f"checkpoint optimizer state has other shapes: {bad[:8]}")
 
 
+def _check_entry_types(state: Mapping[str, Any]) -> None:
+    """The top-level entries have the container types a restore reads (a hand-edited file may not)."""
+    expected = {"model": Mapping, "fingerprint": Mapping, "optimizer": Mapping, "extra": Mapping}
+    wrong = [f"{key!r} is a {type(state[key]).__name__}" for key, kind in expected.items() if not isinstance(state[key], kind)]
+    optimizer = state["optimizer"]
+    if isinstance(optimizer, Mapping) and not (
+        isinstance(optimizer.get("state"), Mapping) and isinstance(optimizer.get("param_groups"), (list, tuple))
+    ):
+        wrong.append("'optimizer' lacks its 'state' dict or 'param_groups' list")
+    if wrong:
+        raise CheckpointError(f"checkpoint entries have the wrong type: {'; '.join(wrong)}; nothing was restored")
+
+
 def _check_scheduler(state: Mapping[str, Any], scheduler: Any) -> None:
     saved_class = state.get("scheduler_class")
     if scheduler is None:
@@ -476,19 +568,22 @@ def restore_training_state(
         The ``extra`` dict given to :func:`training_state` (epoch, step, ...).
 
     Raises:
-        CheckpointError: ``state`` is not a srigl checkpoint.
+        CheckpointError: ``state`` is not a srigl checkpoint, or one of its entries is malformed
+            (an RNG state that the generator would refuse, ``extra`` not a dict, ...).
         CheckpointMismatchError: the checkpoint belongs to another model (missing / unexpected /
             other-shaped names listed), another sparsity, algorithm, distribution or structure (both
             values named), another optimizer or scheduler, or it has a sparsifier or scheduler where
             none was given (or the reverse).
     """
     _check_format(state, "state")
+    _check_entry_types(state)
     module = unwrap(model)
     flexible = _compact_prefixes(state, sparsifier)
     _check_model(state, module, flexible)
     _check_sparsifier(state, sparsifier, module, optimizer)
     _check_optimizer(state, optimizer, module, flexible)
     _check_scheduler(state, scheduler)
+    check_rng_states(state["rng"])
 
     # The sparsifier first: it checks its own state before changing anything, and a compact one
     # resizes its layers to the saved layouts, which the model and optimizer states then fill.

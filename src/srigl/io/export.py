@@ -8,6 +8,10 @@ is True and the condensed layers compute their fan-in matmul as plain ``index_se
 runs in any ONNX runtime with no custom operator. Convolutions export their ``F.unfold`` as ONNX
 ops as well.
 
+The exported ``Gather`` reads no range check of srigl's: onnxruntime wraps a negative index around
+(-5 reads input 59 of 64) where eager inference refuses it. So every condensed layer's storage is
+checked (:meth:`~srigl.condensed.layers.CondensedLinear.check_storage`) before anything is traced.
+
 onnx/onnxscript are imported by torch inside ``torch.onnx.export``; nothing is imported here at
 module import time beyond torch.
 """
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from srigl.errors import SriglError
 
 __all__ = ["export_onnx"]
 
@@ -42,7 +48,19 @@ def export_onnx(
 
     Returns:
         The path written.
+
+    Raises:
+        FanInOperandError, IndexOutOfRangeError: a condensed layer's indices or active rows are
+            out of range, repeated or misshapen (the message names the layer); nothing is written.
     """
+    from srigl.condensed.layers import _CondensedLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, _CondensedLayer):
+            try:
+                module.check_storage()
+            except SriglError as error:
+                raise type(error)(f"{name or 'the root'}: {error}") from None
     path = Path(path)
     was_training = model.training
     model.eval()

@@ -4,6 +4,16 @@ Metadata checks (:func:`_check_operands`) read no data and run on every call. Th
 (:func:`check_indices`) reads every index, which costs about as much as a batch-1 product, so
 :func:`validate_indices_once` remembers which tensors passed and re-checks one only after an
 in-place change or a storage swap.
+
+That memory cannot see every write: one through ``tensor.data`` (a second tensor with its own
+version counter) or through a numpy view changes neither the version nor the storage. So the
+compiled kernel does not rely on it: every C++ product checks its indices' range itself in one
+vectorised pass (``check_index_range`` in ``csrc/checks.h``; a few percent of a batch-1 gather product,
+results/kernel_tuning.md) and fails with a RuntimeError that :func:`raise_index_error` turns into
+:class:`IndexOutOfRangeError`. The window-layout copy a :class:`~srigl.condensed.CondensedLinear`
+keeps for small batches was validated when it was packed and is never read out of range either,
+but it does not see such a write and keeps computing with the old indices; change indices in place
+on the buffer itself (``layer.indices.copy_(...)`` under ``torch.no_grad()``) to have it repacked.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ __all__ = [
     "IndexOutOfRangeError",
     "check_indices",
     "index_dtype_for",
+    "raise_index_error",
     "validate_indices_once",
 ]
 
@@ -112,6 +123,25 @@ def validate_indices_once(indices: torch.Tensor, in_features: int) -> None:
     bound = int(indices.max()) + 1 if indices.numel() else 0
     _validated[key] = (weakref.ref(indices, lambda _, key=key: _validated.pop(key, None)), version,
                        indices.data_ptr(), bound)
+
+
+#: What the C++ kernel's own range check says (csrc/checks.h, check_index_range).
+KERNEL_INDEX_ERROR = "srigl_fanin: indices out of range"
+
+
+def raise_index_error(error: RuntimeError, indices: torch.Tensor, in_features: int) -> None:
+    """Re-raises a backend's failure on an out-of-range index as :class:`IndexOutOfRangeError`.
+
+    The C++ kernel's own range check (or torch's, on the reference backend) found an index that
+    :func:`validate_indices_once` had let through, because it was written where no version counter
+    sees it. The tensor is forgotten and checked again, which names the first offender; a failure
+    for any other reason is re-raised unchanged.
+    """
+    _validated.pop(id(indices), None)
+    check_indices(indices, in_features)  # raises when an index is out of range
+    if KERNEL_INDEX_ERROR in str(error):
+        raise IndexOutOfRangeError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
+    raise error
 
 
 def _check_operands(

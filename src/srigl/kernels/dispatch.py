@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from srigl.errors import SriglError
 from srigl.kernels import cpu, reference
-from srigl.kernels.checks import FanInOperandError, _check_operands, validate_indices_once
+from srigl.kernels.checks import FanInOperandError, _check_operands, raise_index_error, validate_indices_once
 
 __all__ = [
     "BACKENDS",
@@ -195,9 +195,12 @@ class _FanInProduct(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.backend == "cpp" and (need_x or need_values):
             # The kernel sums the bias gradient from the grad_y tiles it transposes anyway.
-            grad_x, grad_values, grad_bias = cpu.backward_with_bias(
-                grad_y.contiguous(), x, values, indices, need_x, need_values, need_bias
-            )
+            try:
+                grad_x, grad_values, grad_bias = cpu.backward_with_bias(
+                    grad_y.contiguous(), x, values, indices, need_x, need_values, need_bias
+                )
+            except RuntimeError as error:
+                raise_index_error(error, indices, x.shape[1])
             return grad_x, grad_values, None, grad_bias, None
         if need_x or need_values:
             grad_x, grad_values = _module(ctx.backend).backward(
@@ -226,8 +229,9 @@ def fanin_matmul(
         values: (out_features, k), x's dtype.
         indices: (out_features, k) int16/int32/int64 in ``[0, in_features)``; see
             :func:`index_dtype_for`. Validated on first use and again only after an in-place
-            change; not inside ``torch.compile`` graphs (see the module docstring). Duplicates
-            within a row add up.
+            change; not inside ``torch.compile`` graphs (see the module docstring). The C++
+            backend also checks their range on every call, so a write the validation cache cannot
+            see (through ``.data`` or numpy) is refused, not read. Duplicates within a row add up.
         bias: optional (out_features,), x's dtype.
         backend: ``"cpp"``, ``"triton"`` or ``"torch"`` to force one (errors if it cannot run);
             None picks the fastest available (:func:`backend_name`).
@@ -256,15 +260,18 @@ def fanin_matmul(
     values_c = values.contiguous()
     indices_c = indices.contiguous()
     bias_c = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        y2d = _FanInProduct.apply(x2d, values_c, indices_c, bias_c, name)
-    elif name == "cpp" and indices_c.dtype is not torch.int64:
-        # No autograd node and no wrapper: straight to the compiled operator.
-        y2d = _cpp_forward()(x2d, values_c, indices_c, bias_c, _GATHER_MAX_BATCH, 0, 0)
-    else:
-        y2d = _module(name).forward(x2d, values_c, indices_c, bias_c)  # no autograd node: lower overhead
+    try:
+        if torch.is_grad_enabled() and (
+            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            y2d = _FanInProduct.apply(x2d, values_c, indices_c, bias_c, name)
+        elif name == "cpp" and indices_c.dtype is not torch.int64:
+            # No autograd node and no wrapper: straight to the compiled operator.
+            y2d = _cpp_forward()(x2d, values_c, indices_c, bias_c, _GATHER_MAX_BATCH, 0, 0)
+        else:
+            y2d = _module(name).forward(x2d, values_c, indices_c, bias_c)  # no autograd node: lower overhead
+    except RuntimeError as error:  # the kernel's own range check (see checks.py)
+        raise_index_error(error, indices, in_features)
     return y2d.reshape(*x.shape[:-1], shape[0]) if flat else y2d  # (..., out)
 
 
@@ -338,8 +345,8 @@ def fanin_matmul_rows(
                 rows.contiguous(), out_features, _GATHER_MAX_BATCH, 0, 0,
             )
         except RuntimeError as error:
-            if "srigl_fanin: rows[" not in str(error):  # the one check left to the kernel
-                raise
+            if "srigl_fanin: rows[" not in str(error):  # the row check is left to the kernel
+                raise_index_error(error, indices, in_features)
             raise FanInOperandError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
         return y2d.reshape(*x.shape[:-1], out_features) if flat else y2d  # (..., out_features)
     if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import math
 import pickle
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -39,20 +41,20 @@ _IDX_DTYPES: dict[int, np.dtype] = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+# Decompressed data is read in pieces of this size, so that memory follows what the stream holds
+# (never more than the header promises, plus one piece) rather than what a header or a stream claims.
+_READ_CHUNK = 1 << 24
 
 
-def _read_maybe_gzipped(path: Path) -> bytes:
-    raw = path.read_bytes()
-    # Decide by content rather than by suffix: mirrors ship both compressed files with no .gz
-    # and uncompressed files that kept it.
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as error:
-        raise CorruptDatasetError(
-            f"{path}: gzip stream is damaged or truncated ({len(raw)} compressed bytes): {error}"
-        ) from error
+def _read_up_to(stream: BinaryIO, n: int) -> bytearray:
+    """At most ``n`` bytes from ``stream``, fewer if it ends first (read piecewise, see _READ_CHUNK)."""
+    data = bytearray()
+    while len(data) < n:
+        piece = stream.read(min(_READ_CHUNK, n - len(data)))
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def read_idx(path: Path | str) -> np.ndarray:
@@ -60,7 +62,9 @@ def read_idx(path: Path | str) -> np.ndarray:
 
     The idx header is a 4-byte magic number ``0x0000TTNN`` (TT: element type, NN: number of
     dimensions) followed by NN big-endian uint32 sizes; the elements follow, big-endian,
-    row-major.
+    row-major. A gzipped file is decompressed as a stream: the header first, then at most the
+    bytes it promises and one more, so a small ``.gz`` that inflates to gigabytes is refused after
+    reading one byte past the promise instead of being inflated whole.
 
     Args:
         path: The file.
@@ -69,12 +73,29 @@ def read_idx(path: Path | str) -> np.ndarray:
         An array of the header's shape in the native byte order (uint8 for MNIST files).
 
     Raises:
-        CorruptDatasetError: On a bad magic number, a truncated header, or a payload whose
-            length differs from what the header promises. The message names the file and
-            the numbers that disagree.
+        CorruptDatasetError: On a bad magic number, a truncated header, a damaged gzip stream, or
+            a payload whose length differs from what the header promises. The message names the
+            file and the numbers that disagree.
     """
     path = Path(path)
-    raw = _read_maybe_gzipped(path)
+    with path.open("rb") as file:
+        # Decide by content rather than by suffix: mirrors ship both compressed files with no .gz
+        # and uncompressed files that kept it.
+        compressed = file.read(2) == _GZIP_MAGIC
+        file.seek(0)
+        stream: BinaryIO = gzip.GzipFile(fileobj=file, mode="rb") if compressed else file
+        try:
+            return _parse_idx(path, stream, compressed)
+        except (EOFError, OSError, zlib.error) as error:
+            if not compressed:
+                raise
+            raise CorruptDatasetError(
+                f"{path}: gzip stream is damaged or truncated ({path.stat().st_size} compressed bytes): {error}"
+            ) from error
+
+
+def _parse_idx(path: Path, stream: BinaryIO, compressed: bool) -> np.ndarray:
+    raw = _read_up_to(stream, 4)
     if len(raw) < 4:
         raise CorruptDatasetError(f"{path}: {len(raw)} bytes, shorter than the 4-byte idx magic number")
     (magic,) = struct.unpack(">I", raw[:4])
@@ -85,20 +106,24 @@ def read_idx(path: Path | str) -> np.ndarray:
             "(expected 0x0000TTNN with type TT in {08,09,0b,0c,0d,0e} and NN >= 1 dimensions)"
         )
     header_bytes = 4 + 4 * ndim
+    raw += _read_up_to(stream, header_bytes - 4)
     if len(raw) < header_bytes:
         raise CorruptDatasetError(
             f"{path}: truncated header, {len(raw)} bytes but {ndim} dimensions need {header_bytes}"
         )
     shape = struct.unpack(f">{ndim}I", raw[4:header_bytes])
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(raw) - header_bytes
-    if actual != expected:
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for any header
+    payload = _read_up_to(stream, expected + 1)  # one byte more than promised: is there more?
+    if len(payload) != expected:
+        more = len(payload) > expected
+        holds = f"more than {expected} (reading stopped there)" if more else str(len(payload))
         raise CorruptDatasetError(
             f"{path}: header promises shape {tuple(shape)} = {expected} data bytes, "
-            f"but the file holds {actual} (truncated or not an idx file)"
+            f"but the file holds {holds}{' once decompressed' if compressed else ''} "
+            f"({'not an idx file' if more else 'truncated or not an idx file'})"
         )
-    array = np.frombuffer(raw, dtype=dtype, offset=header_bytes).reshape(shape)
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 

@@ -57,6 +57,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
     using T = decltype(t);
     using I = decltype(i);
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
     const T* b = has_bias ? bias->data_ptr<T>() : nullptr;
     if (batch <= gather_max_batch) {
       forward_gather<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), b, y.data_ptr<T>(), batch,
@@ -95,6 +96,7 @@ at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& values, const at:
       for (int64_t r = 0; r < batch; ++r) fill(r);
     }
     if (n_active == 0) return;
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
     if (batch <= gather_max_batch) {
       forward_gather<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), b, yp, batch, in_features,
                            n_active, k, rp, out_full);
@@ -158,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     T* gx = need_grad_x ? grad_x.data_ptr<T>() : nullptr;
     T* gv = need_grad_values ? grad_values.data_ptr<T>() : nullptr;
     T* gb = need_grad_bias ? grad_bias.data_ptr<T>() : nullptr;
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
     if (batch <= gather_max_batch) {
       backward_gather<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), gx,
                             gv, gb, batch, in_features, out_features, k);
