@@ -5,6 +5,7 @@ learnability), hand-computed P@k / nDCG@k, and batches with a BCE that needs no 
 from __future__ import annotations
 
 import gzip
+import math
 import tracemalloc
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from srigl.app import xmc_metrics
 from srigl.app.datasets import CorruptDatasetError
 from srigl.app.datasets.xmc import (
     DecompressedSizeError,
@@ -25,6 +27,7 @@ from srigl.app.datasets.xmc import (
     read_sparse_matrix,
     read_xmc,
     read_xmc_pair,
+    take_rows,
     write_sparse_matrix,
     write_xmc,
 )
@@ -294,3 +297,62 @@ def test_synthetic_refuses_impossible_sizes():
         make_synthetic_xmc(10, 10, 3)
     with pytest.raises(InvalidConfigError, match="n_points=0"):
         make_synthetic_xmc(0, 10, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: golden values computed by hand
+# ---------------------------------------------------------------------------------------------
+
+# Row 0: true {1, 3}, ranking 3, 0, 1, 5, 2 -> hits 1 0 1 0 0.
+# Row 1: true {0, 2, 4, 5}, ranking 1, 2, 3, 4, 5 -> hits 0 1 0 1 1.
+# Row 2: no true label -> every metric 0.
+TOP_K = torch.tensor([[3, 0, 1, 5, 2], [1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
+LABEL_INDPTR = torch.tensor([0, 2, 6, 6])
+LABEL_INDICES = torch.tensor([1, 3, 0, 2, 4, 5])
+D = [1.0, 1 / math.log2(3), 1 / 2, 1 / math.log2(5), 1 / math.log2(6)]  # 1 / log2(rank + 1)
+GOLDEN = {
+    "P@1": [1.0, 0.0, 0.0],
+    "P@3": [2 / 3, 1 / 3, 0.0],
+    "P@5": [2 / 5, 3 / 5, 0.0],
+    "nDCG@1": [1.0, 0.0, 0.0],
+    "nDCG@3": [(D[0] + D[2]) / (D[0] + D[1]), D[1] / (D[0] + D[1] + D[2]), 0.0],
+    # Row 0 has 2 labels: IDCG@5 stops at rank 2. Row 1 has 4: IDCG@5 stops at rank 4.
+    "nDCG@5": [(D[0] + D[2]) / (D[0] + D[1]), (D[1] + D[3] + D[4]) / (D[0] + D[1] + D[2] + D[3]), 0.0],
+}
+
+
+def test_per_point_metrics_golden():
+    values = xmc_metrics.per_point_metrics(TOP_K, LABEL_INDPTR, LABEL_INDICES, 6)
+    assert set(values) == set(GOLDEN)
+    for name, expected in GOLDEN.items():
+        assert values[name].tolist() == pytest.approx(expected, abs=1e-12), name
+    # The same numbers to 4 decimals, worked on paper: 0.9197 = 1.5 / 1.6309, 0.5654 = 1.4485 / 2.5616.
+    assert values["nDCG@3"][0].item() == pytest.approx(0.9197, abs=1e-4)
+    assert values["nDCG@5"][1].item() == pytest.approx(0.5654, abs=1e-4)
+
+
+def test_metrics_from_scores_rank_like_top_k():
+    scores = torch.full((3, 6), -10.0)
+    for row, ranking in enumerate(TOP_K.tolist()):
+        scores[row, ranking] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # distinct: no ties
+    from_scores = xmc_metrics.xmc_metrics(scores, LABEL_INDPTR, LABEL_INDICES, 6)
+    assert list(from_scores) == ["P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5"]
+    for name, expected in GOLDEN.items():
+        assert from_scores[name] == pytest.approx(sum(expected) / 3, abs=1e-12)
+    assert xmc_metrics.xmc_metrics(TOP_K, LABEL_INDPTR, LABEL_INDICES, 6) == from_scores
+
+
+def test_metrics_on_labels_sliced_from_a_larger_csr():
+    # A batch's labels are often a view into the data set's CSR: indptr need not start at 0.
+    batch = take_rows(rows([[9], [1, 3], [0, 2, 4, 5], []], 10), torch.tensor([1, 2, 3]))
+    values = xmc_metrics.per_point_metrics(TOP_K, batch.indptr, batch.indices, 10)
+    assert values["P@3"].tolist() == pytest.approx(GOLDEN["P@3"])
+
+
+def test_metric_inputs_that_do_not_fit():
+    with pytest.raises(xmc_metrics.XMCMetricInputError, match="3 ranked rows but a label indptr of 3"):
+        xmc_metrics.per_point_metrics(TOP_K, LABEL_INDPTR[:3], LABEL_INDICES, 6)
+    with pytest.raises(xmc_metrics.XMCMetricInputError, match=r"K >= max\(ks\) = 5"):
+        xmc_metrics.per_point_metrics(TOP_K[:, :3], LABEL_INDPTR, LABEL_INDICES, 6)
+    with pytest.raises(xmc_metrics.XMCMetricInputError, match="for 7 labels"):
+        xmc_metrics.xmc_metrics(torch.zeros(3, 6), LABEL_INDPTR, LABEL_INDICES, 7)
