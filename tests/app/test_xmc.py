@@ -11,6 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ from srigl.app.datasets.xmc import (
     write_sparse_matrix,
     write_xmc,
 )
+from srigl.app.datasets.xmc_batches import bce_with_logits_csr, dense_rows, iterate_batches
 from srigl.app.datasets.xmc_synthetic import AMAZON_670K_LABELS, label_prototypes, make_synthetic_xmc
 from srigl.errors import InvalidConfigError
 
@@ -292,6 +294,23 @@ def test_features_carry_the_labels_prototypes():
     assert np.mean(on_own) > 0.85 and np.mean(on_other) < 0.1
 
 
+def test_a_linear_model_learns_the_synthetic_labels():
+    torch.manual_seed(0)
+    data = make_synthetic_xmc(3_000, 400, 60, zipf_exponent=0.7, seed=5)
+    model = torch.nn.Linear(400, 60)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for epoch in range(4):
+        for batch in iterate_batches(data, 250, seed=0, epoch=epoch):
+            optimizer.zero_grad()
+            bce_with_logits_csr(model(batch.features), batch.labels).backward()
+            optimizer.step()
+    with torch.no_grad():
+        scores = model(dense_rows(data.features))
+    learned = xmc_metrics.xmc_metrics(scores, data.labels.indptr, data.labels.indices, 60)
+    always_label_0 = xmc_metrics.xmc_metrics(torch.arange(60, 0, -1.0).expand(3_000, 60), data.labels.indptr, data.labels.indices, 60)
+    assert learned["P@1"] > 0.9 and learned["P@1"] > always_label_0["P@1"] + 0.4
+
+
 def test_synthetic_refuses_impossible_sizes():
     with pytest.raises(InvalidConfigError, match="max_labels=5 distinct labels per point, but only 3 labels"):
         make_synthetic_xmc(10, 10, 3)
@@ -356,3 +375,47 @@ def test_metric_inputs_that_do_not_fit():
         xmc_metrics.per_point_metrics(TOP_K[:, :3], LABEL_INDPTR, LABEL_INDICES, 6)
     with pytest.raises(xmc_metrics.XMCMetricInputError, match="for 7 labels"):
         xmc_metrics.xmc_metrics(torch.zeros(3, 6), LABEL_INDPTR, LABEL_INDICES, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batches_cover_every_point_once_in_a_seeded_order():
+    data = make_synthetic_xmc(103, 50, 30, seed=0)
+    batches = list(iterate_batches(data, 25, seed=1, epoch=0))
+    assert [len(b.row_ids) for b in batches] == [25, 25, 25, 25, 3]
+    seen = torch.cat([b.row_ids for b in batches])
+    assert sorted(seen.tolist()) == list(range(103))
+    again = torch.cat([b.row_ids for b in iterate_batches(data, 25, seed=1, epoch=0)])
+    other_epoch = torch.cat([b.row_ids for b in iterate_batches(data, 25, seed=1, epoch=1)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other_epoch)
+    assert len(list(iterate_batches(data, 25, drop_last=True))) == 4
+
+
+def test_batch_contents_match_the_rows_they_name():
+    data = make_synthetic_xmc(40, 60, 30, seed=0)
+    everything = dense_rows(data.features)  # (N, F)
+    all_labels = dense_rows(data.labels)  # (N, L)
+    for dense, sparse in zip(iterate_batches(data, 16, seed=3), iterate_batches(data, 16, seed=3, sparse_features=True)):
+        assert torch.equal(dense.features, everything[dense.row_ids])
+        assert sparse.features.layout == torch.sparse_csr
+        assert torch.equal(sparse.features.to_dense(), dense.features)
+        assert torch.equal(dense.multi_hot(), all_labels[dense.row_ids])
+
+
+def test_bce_from_csr_equals_the_dense_target_loss():
+    data = make_synthetic_xmc(32, 20, 50, seed=0)
+    batch = next(iterate_batches(data, 32, seed=0))
+    logits = torch.randn(32, 50, dtype=torch.float64, requires_grad=True) * 4
+    target = batch.multi_hot().double()
+    for reduction in ("mean", "sum"):
+        expected = F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+        got = bce_with_logits_csr(logits, batch.labels, reduction=reduction)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+    grad_csr, = torch.autograd.grad(bce_with_logits_csr(logits, batch.labels), logits)
+    grad_dense, = torch.autograd.grad(F.binary_cross_entropy_with_logits(logits, target), logits)
+    assert torch.allclose(grad_csr, grad_dense, atol=1e-12)
+    with pytest.raises(InvalidConfigError, match=r"logits of shape \(32, 49\)"):
+        bce_with_logits_csr(logits[:, :49], batch.labels)
