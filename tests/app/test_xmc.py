@@ -49,11 +49,14 @@ def rows(lists, n_cols, values=None) -> SparseRows:
 # Reading the repository's formats
 # ---------------------------------------------------------------------------------------------
 
-COMBINED = """4 6 5
+# Point 1 has no label (leading space), point 2 no feature, point 3 a tab after its labels;
+# point 4 is a blank line: neither labels nor features.
+COMBINED = """5 6 5
 0,3 0:0.5 2:1.25
  1:2 5:-3e-1
 4
-2,1 4:1 3:0.75
+2,1\t4:1 3:0.75
+
 """
 
 
@@ -61,16 +64,16 @@ def test_read_combined_file_by_hand(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(COMBINED)
     data = read_xmc(path)
-    assert (len(data), data.n_features, data.n_labels) == (4, 6, 5)
-    assert data.features.indptr.tolist() == [0, 2, 4, 4, 6]
+    assert (len(data), data.n_features, data.n_labels) == (5, 6, 5)
+    assert data.features.indptr.tolist() == [0, 2, 4, 4, 6, 6]
     assert data.features.indices.tolist() == [0, 2, 1, 5, 3, 4]  # sorted within each row
     assert data.features.values.tolist() == pytest.approx([0.5, 1.25, 2.0, -0.3, 0.75, 1.0])
     assert data.features.values.dtype == torch.float32
-    assert data.labels.indptr.tolist() == [0, 2, 2, 3, 5]  # point 1 has no label
+    assert data.labels.indptr.tolist() == [0, 2, 2, 3, 5, 5]
     assert data.labels.indices.tolist() == [0, 3, 4, 1, 2]
     assert data.labels.values is None
     dense = data.features.to_sparse_csr().to_dense()  # (N, F)
-    assert dense.shape == (4, 6) and dense[3, 3] == 0.75 and dense[2].abs().sum() == 0
+    assert dense.shape == (5, 6) and dense[3, 3] == 0.75 and dense[2].abs().sum() == 0
 
 
 def test_read_pair_files_by_hand(tmp_path):
@@ -163,6 +166,9 @@ BAD_COMBINED = [
     ("label not an integer", "2 5 4\n0 1:1\n1.5 2:1\n", XMCTokenError, 3, "malformed label token '1.5'"),
     ("repeated feature", "2 5 4\n0 1:1\n1 2:1 2:3\n", XMCTokenError, 3, "feature 2 is listed twice"),
     ("repeated label", "2 5 4\n0,0 1:1\n1 2:1\n", XMCTokenError, 2, "label 0 is listed twice"),
+    ("id past 64 bits", "2 5 4\n0 1:1\n1 99999999999999999999:1\n", XMCIndexRangeError, 3, "does not fit in 64 bits"),
+    ("value past float32", "2 5 4\n0 1:1\n1 2:1e39\n", XMCTokenError, 3, "value 1e+39 of feature 2 does not fit in float32"),
+    ("value past float64", "2 5 4\n0 1:1e999\n1 2:1\n", XMCTokenError, 2, "does not fit in float32"),
 ]
 
 

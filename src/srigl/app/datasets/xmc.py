@@ -289,26 +289,46 @@ def _bad_labels(path: Path, line_no: int, text: str) -> XMCTokenError:
 class _RowBuilder:
     """Accumulates CSR rows in compact typed arrays (no per-entry Python objects kept)."""
 
-    def __init__(self):
+    def __init__(self, path: Path, what: str, n_cols: int, binary: bool):
+        self.path, self.what, self.n_cols, self.binary = path, what, n_cols, binary
         self.indptr = array("q", [0])
         self.indices = array("q")
         self.values = array("d")
 
-    def add(self, indices, values=None) -> None:
-        self.indices.extend(indices)
-        if values is not None:
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def add(self, line_no: int, indices=(), values=None) -> None:
+        """Append one row; ``values`` is ignored for a binary matrix."""
+        try:
+            self.indices.extend(indices)
+        except OverflowError:
+            del self.indices[self.indptr[-1]:]
+            raise XMCIndexRangeError(self.path, line_no, f"a {self.what} id does not fit in 64 bits") from None
+        if values is not None and not self.binary:
             self.values.extend(values)
         self.indptr.append(len(self.indices))
 
-    def finish(self, path: Path, n_cols: int, what: str, binary: bool) -> SparseRows:
-        """Sort each row, check ranges and duplicates, and hand over as tensors."""
+    def finish(self) -> SparseRows:
+        """Sort each row, check ranges, values and duplicates, and hand over as tensors."""
+        path, what, n_cols = self.path, self.what, self.n_cols
         indptr = np.frombuffer(self.indptr, dtype=np.int64).copy()
         indices = np.frombuffer(self.indices, dtype=np.int64).copy()
-        values = None if binary else np.frombuffer(self.values, dtype=np.float64).astype(np.float32)
+        with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused below
+            values = None if self.binary else np.frombuffer(self.values, dtype=np.float64).astype(np.float32)
         row_of = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))  # (nnz,)
 
         def line_of(position: int) -> int:  # header is line 1, row r is line r + 2
             return int(row_of[position]) + 2
+
+        if values is not None:
+            overflow = np.flatnonzero(~np.isfinite(values))
+            if overflow.size:
+                bad = int(overflow[0])
+                raise XMCTokenError(
+                    path, line_of(bad), f"value {self.values[bad]!r} of {what} {indices[bad]} does not fit in float32"
+                )
 
         outside = np.flatnonzero((indices < 0) | (indices >= n_cols))
         if outside.size:  # report the first one in file order
@@ -364,35 +384,36 @@ def read_xmc(path: Path | str, *, max_decompressed_bytes: int = DEFAULT_MAX_DECO
     path = Path(path)
     lines = _numbered_lines(path, max_decompressed_bytes)
     n_points, n_features, n_labels = _read_header(path, lines, ("N", "F", "L"))
-    features, labels = _RowBuilder(), _RowBuilder()
+    features = _RowBuilder(path, "feature", n_features, binary=False)
+    labels = _RowBuilder(path, "label", n_labels, binary=True)
     last_line = 1
     for line_no, line in lines:
         last_line = line_no
         stripped = line.strip()
-        if len(features.indptr) - 1 == n_points:
+        if features.n_rows == n_points:
             if stripped:
                 raise XMCHeaderError(path, line_no, f"header promises {n_points} points but line {line_no} is one more")
             continue
         # The label list is the first token unless that is already a feature token (an empty
         # label list, written as a leading space that strip() removed).
-        first, _, rest = stripped.partition(" ")
+        if not stripped:  # a point with neither labels nor features
+            labels.add(line_no)
+            features.add(line_no)
+            continue
+        first, *rest = stripped.split(None, 1)  # labels and features may be split by a tab
         if ":" in first:
             label_text, feature_text = "", stripped
         else:
-            label_text, feature_text = first, rest.strip()
+            label_text, feature_text = first, "".join(rest)
         if label_text and not _LABEL_LIST.fullmatch(label_text):
             raise _bad_labels(path, line_no, label_text)
-        labels.add(map(int, label_text.split(",")) if label_text else ())
+        labels.add(line_no, map(int, label_text.split(",")) if label_text else ())
         if feature_text:
-            feature_ids, feature_values = _parse_pairs(path, line_no, feature_text, "feature")
-            features.add(feature_ids, feature_values)
+            features.add(line_no, *_parse_pairs(path, line_no, feature_text, "feature"))
         else:
-            features.add(())
-    _check_row_count(path, len(features.indptr) - 1, n_points, last_line)
-    return XMCDataset(
-        features.finish(path, n_features, "feature", binary=False),
-        labels.finish(path, n_labels, "label", binary=True),
-    )
+            features.add(line_no)
+    _check_row_count(path, features.n_rows, n_points, last_line)
+    return XMCDataset(features.finish(), labels.finish())
 
 
 def read_sparse_matrix(
@@ -418,22 +439,21 @@ def read_sparse_matrix(
     what = "label" if binary else "feature"
     lines = _numbered_lines(path, max_decompressed_bytes)
     n_rows, n_cols = _read_header(path, lines, ("N", "L" if binary else "F"))
-    rows = _RowBuilder()
+    rows = _RowBuilder(path, what, n_cols, binary)
     last_line = 1
     for line_no, line in lines:
         last_line = line_no
         stripped = line.strip()
-        if len(rows.indptr) - 1 == n_rows:
+        if rows.n_rows == n_rows:
             if stripped:
                 raise XMCHeaderError(path, line_no, f"header promises {n_rows} points but line {line_no} is one more")
             continue
         if stripped:
-            ids, values = _parse_pairs(path, line_no, stripped, what)
-            rows.add(ids, None if binary else values)
+            rows.add(line_no, *_parse_pairs(path, line_no, stripped, what))
         else:
-            rows.add(())
-    _check_row_count(path, len(rows.indptr) - 1, n_rows, last_line)
-    return rows.finish(path, n_cols, what, binary=binary)
+            rows.add(line_no)
+    _check_row_count(path, rows.n_rows, n_rows, last_line)
+    return rows.finish()
 
 
 def read_xmc_pair(
