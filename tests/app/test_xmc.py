@@ -36,6 +36,9 @@ from srigl.app.datasets.xmc_batches import bce_with_logits_csr, dense_rows, iter
 from srigl.app.datasets.xmc_synthetic import AMAZON_670K_LABELS, label_prototypes, make_synthetic_xmc
 from srigl.errors import InvalidConfigError
 
+# The metric and loss code moves labels to the scores' device: checked on CUDA where there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def rows(lists, n_cols, values=None) -> SparseRows:
     """SparseRows from Python lists of column ids (and optional value lists)."""
@@ -102,6 +105,12 @@ def test_synthetic_round_trips_through_the_pair_format(tmp_path, gzipped):
     write_sparse_matrix(tmp_path / f"trn_X_Xf{suffix}", data.features)
     write_sparse_matrix(tmp_path / f"trn_X_Y{suffix}", data.labels)
     assert read_xmc_pair(tmp_path / f"trn_X_Xf{suffix}", tmp_path / f"trn_X_Y{suffix}").equals(data)
+
+
+def test_windows_line_endings(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(COMBINED.replace("\n", "\r\n").encode())
+    assert read_xmc(path).equals(read_xmc(_plain(tmp_path, COMBINED)))
 
 
 def test_gzip_is_detected_from_content_not_suffix(tmp_path):
@@ -227,6 +236,13 @@ def test_gzip_bomb_is_refused_at_the_size_bound(tmp_path):
     assert len(read_xmc(path)) == 200_000  # the default bound lets it through
 
 
+def test_a_line_past_the_line_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr("srigl.app.datasets.xmc.MAX_LINE_BYTES", 100)
+    path = _plain(tmp_path, "2 500 4\n0 1:1\n1 " + " ".join(f"{i}:1" for i in range(100)) + "\n")
+    with pytest.raises(XMCFormatError, match=r"line 3: line is longer than MAX_LINE_BYTES=100"):
+        read_xmc(path)
+
+
 def test_bytes_that_are_not_utf8(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"2 5 4\n0 1:1\n1 \xff\xfe:1\n")
@@ -346,8 +362,9 @@ GOLDEN = {
 }
 
 
-def test_per_point_metrics_golden():
-    values = xmc_metrics.per_point_metrics(TOP_K, LABEL_INDPTR, LABEL_INDICES, 6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_point_metrics_golden(device):
+    values = xmc_metrics.per_point_metrics(TOP_K.to(device), LABEL_INDPTR, LABEL_INDICES, 6)
     assert set(values) == set(GOLDEN)
     for name, expected in GOLDEN.items():
         assert values[name].tolist() == pytest.approx(expected, abs=1e-12), name
@@ -356,10 +373,11 @@ def test_per_point_metrics_golden():
     assert values["nDCG@5"][1].item() == pytest.approx(0.5654, abs=1e-4)
 
 
-def test_metrics_from_scores_rank_like_top_k():
-    scores = torch.full((3, 6), -10.0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_metrics_from_scores_rank_like_top_k(device):
+    scores = torch.full((3, 6), -10.0, device=device)
     for row, ranking in enumerate(TOP_K.tolist()):
-        scores[row, ranking] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # distinct: no ties
+        scores[row, ranking] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], device=device)  # distinct: no ties
     from_scores = xmc_metrics.xmc_metrics(scores, LABEL_INDPTR, LABEL_INDICES, 6)
     assert list(from_scores) == ["P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5"]
     for name, expected in GOLDEN.items():
@@ -411,11 +429,12 @@ def test_batch_contents_match_the_rows_they_name():
         assert torch.equal(dense.multi_hot(), all_labels[dense.row_ids])
 
 
-def test_bce_from_csr_equals_the_dense_target_loss():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_from_csr_equals_the_dense_target_loss(device):
     data = make_synthetic_xmc(32, 20, 50, seed=0)
     batch = next(iterate_batches(data, 32, seed=0))
-    logits = torch.randn(32, 50, dtype=torch.float64, requires_grad=True) * 4
-    target = batch.multi_hot().double()
+    logits = (torch.randn(32, 50, dtype=torch.float64) * 4).to(device).requires_grad_()
+    target = batch.multi_hot(device).double()
     for reduction in ("mean", "sum"):
         expected = F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
         got = bce_with_logits_csr(logits, batch.labels, reduction=reduction)

@@ -51,6 +51,9 @@ from srigl.app.datasets.formats import CorruptDatasetError
 # 64 GiB: the largest training file in the repository (Amazon-3M) is well under this decompressed.
 DEFAULT_MAX_DECOMPRESSED_BYTES = 64 * 2**30
 _GZIP_MAGIC = b"\x1f\x8b"
+# A point line is a few kB; one without a newline for 64 MiB is not text in this format (and must
+# not be read into one string whatever its size).
+MAX_LINE_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def _numbered_lines(path: Path, max_decompressed_bytes: int) -> Iterator[tuple[i
         while True:
             line_no += 1
             try:
-                line = stream.readline()
+                line = stream.readline(MAX_LINE_BYTES + 1)
             except _SizeLimitExceeded:
                 raise DecompressedSizeError(
                     path, line_no, f"decompresses to more than max_decompressed_bytes={max_decompressed_bytes}"
@@ -252,6 +255,8 @@ def _numbered_lines(path: Path, max_decompressed_bytes: int) -> Iterator[tuple[i
                 raise XMCFormatError(path, line_no, f"gzip stream is damaged or truncated: {error}") from error
             if not line:
                 return
+            if len(line) > MAX_LINE_BYTES:
+                raise XMCFormatError(path, line_no, f"line is longer than MAX_LINE_BYTES={MAX_LINE_BYTES}: not this text format")
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -266,7 +271,7 @@ def _read_header(path: Path, lines: Iterator[tuple[int, str]], names: tuple[str,
     except StopIteration:
         raise XMCHeaderError(path, 1, f"empty file; expected a header '{expected}'") from None
     fields = header.split()
-    if len(fields) != len(names) or not all(f.isdigit() for f in fields):
+    if len(fields) != len(names) or not all(f.isascii() and f.isdigit() for f in fields):
         raise XMCHeaderError(path, 1, f"header {header[:80]!r} is not '{expected}' ({len(names)} non-negative integers)")
     return [int(f) for f in fields]
 
