@@ -243,6 +243,34 @@ def test_a_line_past_the_line_bound(tmp_path, monkeypatch):
         read_xmc(path)
 
 
+BAD_ROWS = [
+    ("indptr not at 0", (torch.tensor([1, 2]), torch.tensor([0, 1]), 3), "must start at 0 and end at nnz = 2"),
+    ("indptr short of nnz", (torch.tensor([0, 1]), torch.tensor([0, 1]), 3), "end at nnz = 2"),
+    ("indptr decreasing", (torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1]), 3), "indptr decreases at row 1: 2 -> 1"),
+    ("column outside", (torch.tensor([0, 2]), torch.tensor([0, 3]), 3), r"column 3 outside \[0, 3\)"),
+    ("unsorted row", (torch.tensor([0, 1, 3]), torch.tensor([2, 1, 0]), 3), "row 1: columns are not strictly ascending"),
+    ("repeated column", (torch.tensor([0, 2]), torch.tensor([1, 1]), 3), "row 0: columns are not strictly ascending"),
+]
+
+
+@pytest.mark.parametrize("arrays, words", [c[1:] for c in BAD_ROWS], ids=[c[0] for c in BAD_ROWS])
+def test_check_names_broken_csr(arrays, words):
+    indptr, indices, n_cols = arrays
+    with pytest.raises(CorruptDatasetError, match=words):
+        SparseRows(indptr, indices, None, n_cols).check()
+
+
+def test_readers_and_generator_give_rows_that_pass_check(tmp_path):
+    data = make_synthetic_xmc(100, 200, 300, seed=0)
+    data.features.check()
+    data.labels.check()
+    read = read_xmc(_plain(tmp_path, COMBINED))
+    read.features.check()
+    read.labels.check()
+    with pytest.raises(CorruptDatasetError, match="100 feature rows but 5 label rows"):
+        XMCDataset(data.features, read.labels)
+
+
 def test_bytes_that_are_not_utf8(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"2 5 4\n0 1:1\n1 \xff\xfe:1\n")
@@ -266,13 +294,9 @@ def test_synthetic_rows_are_valid_csr():
     n_labels = data.labels.row_lengths()
     assert int(n_labels.min()) >= 1 and int(n_labels.max()) <= 5
     for part in (data.features, data.labels):
-        data_csr = part.to_sparse_csr()  # torch checks sorted, in-range column ids
-        torch._validate_sparse_csr_tensor_args(
-            data_csr.crow_indices(), data_csr.col_indices(), data_csr.values(), data_csr.shape
-        )
-        row_of = torch.repeat_interleave(torch.arange(part.n_rows), part.row_lengths())
-        key = row_of * part.n_cols + part.indices
-        assert bool((key[1:] > key[:-1]).all())  # strictly increasing: sorted and unique per row
+        part.check()  # sorted, unique, in-range columns; consistent indptr
+        csr = part.to_sparse_csr()
+        assert csr.shape == (500, part.n_cols) and csr.values().dtype == torch.float32
     row_of = torch.repeat_interleave(torch.arange(500), data.features.row_lengths())  # (nnz,)
     norms = torch.zeros(500, dtype=torch.float64).index_add_(0, row_of, data.features.values.double() ** 2)
     assert torch.allclose(norms, torch.ones(500, dtype=torch.float64), atol=1e-5)

@@ -138,6 +138,36 @@ class SparseRows:
                 self.indptr, self.indices, values, (self.n_rows, self.n_cols), check_invariants=False
             )
 
+    def check(self) -> None:
+        """Verify the CSR invariants, vectorised (for rows built outside the readers).
+
+        Raises:
+            CorruptDatasetError: ``indptr`` not starting at 0, decreasing, or not ending at
+                ``nnz``; a column outside ``[0, n_cols)``; columns not strictly ascending within a
+                row; or ``values`` of another length than ``indices``.
+        """
+        indptr, indices = self.indptr, self.indices
+        if indptr.dim() != 1 or indptr.numel() < 1 or int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
+            raise CorruptDatasetError(
+                f"indptr of shape {tuple(indptr.shape)} must start at 0 and end at nnz = {indices.numel()}"
+            )
+        lengths = self.row_lengths()  # (n_rows,)
+        if bool((lengths < 0).any()):
+            row = int(torch.nonzero(lengths < 0)[0])
+            raise CorruptDatasetError(f"indptr decreases at row {row}: {int(indptr[row])} -> {int(indptr[row + 1])}")
+        if self.values is not None and self.values.shape != indices.shape:
+            raise CorruptDatasetError(f"{self.values.numel()} values for {indices.numel()} indices")
+        outside = torch.nonzero((indices < 0) | (indices >= self.n_cols)).flatten()
+        if outside.numel():
+            raise CorruptDatasetError(f"column {int(indices[outside[0]])} outside [0, {self.n_cols})")
+        row_of = torch.repeat_interleave(torch.arange(self.n_rows), lengths)  # (nnz,)
+        # Strictly ascending within each row <=> the key row * n_cols + column strictly ascends.
+        key = row_of * self.n_cols + indices  # (nnz,)
+        unsorted = torch.nonzero(key[1:] <= key[:-1]).flatten()
+        if unsorted.numel():
+            row = int(row_of[unsorted[0] + 1])
+            raise CorruptDatasetError(f"row {row}: columns are not strictly ascending (repeated or unsorted)")
+
     def equals(self, other: SparseRows) -> bool:
         """Whether both matrices hold exactly the same entries (values compared bit for bit)."""
         if self.n_cols != other.n_cols or (self.values is None) != (other.values is None):
@@ -155,7 +185,7 @@ class XMCDataset:
 
     def __post_init__(self):
         if self.features.n_rows != self.labels.n_rows:
-            raise ValueError(f"{self.features.n_rows} feature rows but {self.labels.n_rows} label rows")
+            raise CorruptDatasetError(f"{self.features.n_rows} feature rows but {self.labels.n_rows} label rows")
 
     def __len__(self) -> int:
         return self.features.n_rows
