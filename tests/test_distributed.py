@@ -281,3 +281,59 @@ def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
         assert any(key.endswith(".values") for key in state["model"]), sorted(state["model"])[:5]
     assert not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())
     shutil.rmtree(out)
+
+
+PER_RANK = r'''
+import os
+import sys
+
+from srigl.app.cli import main
+
+# "{rank}" in an argument becomes this rank's number: per-rank flags under one torchrun command.
+sys.exit(main([arg.replace("{rank}", os.environ["RANK"]) for arg in sys.argv[1:]]))
+'''
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--seed", "{rank}", "--compact"], "seed (rank 0: 0, rank 1: 1)"),
+        (["--sparsity", "0.{rank}5"], "sparsity (rank 0: 0.05, rank 1: 0.15)"),
+    ],
+    ids=["seed-compact", "sparsity-masked-dense"],
+)
+def test_ranks_started_with_different_configs_fail_fast(tmp_path, flags, words):
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "per_rank.py"
+    script.write_text(PER_RANK)
+    out = tmp_path / "run"
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "128", "--limit-test", "64", "--no-progress", "--out", str(out), *flags],
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert "epoch 1/1" not in result.stdout  # stopped before any training step
+    # every rank stops with the same named error (instead of training on, or a gloo abort)
+    assert result.stderr.count("the ranks were started with different configs") >= 2, result.stderr[-4000:]
+    assert words in result.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from srigl.app.train import init_process
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    proc = init_process("cpu", timeout=7.5)
+    assert proc.world == 2 and proc.owns_group
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7.5)}

@@ -8,6 +8,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import tomllib
@@ -111,7 +112,7 @@ def test_config_file_run_end_to_end(tmp_path):
         (["--sparsity", "1.0"], ["sparsity must be in [0.0, 1.0), got 1.0"]),
         (["--sparsity", "-0.5"], ["sparsity must be in [0.0, 1.0), got -0.5"]),
         (["--epochs", "0"], ["epochs must be >= 1, got 0"]),
-        (["--resume", "x", "--config", "y"], ["--resume uses the run's own config.toml"]),
+        (["--resume", "x", "--config", "y"], ["--resume uses the config in the run's checkpoint"]),
     ],
 )
 def test_invalid_flags_exit_2_with_the_valid_choices(capsys, argv, words):
@@ -143,7 +144,7 @@ def test_infeasible_sparsity_is_a_usage_error(tmp_path, capsys):
 
 
 def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
-    """Make the training data stream raise Ctrl-C in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
+    """Make the training data stream send Ctrl-C (SIGINT) in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
     real = datasets.batches
     calls = {"n": 0}
 
@@ -151,7 +152,7 @@ def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
         calls["n"] += 1
         for i, batch in enumerate(real(dataset, order, batch_size, num_workers)):
             if calls["n"] == epoch_to_cut and i == batches_done:
-                raise KeyboardInterrupt
+                signal.raise_signal(signal.SIGINT)
             yield batch
 
     monkeypatch.setattr(datasets, "batches", cut)
@@ -191,7 +192,7 @@ def test_resume_refuses_changes_and_missing_runs(tmp_path, capsys):
     assert exit_info.value.code == 2 and "cannot change ['sparsity']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path / "nothing")])
-    assert "no config.toml there" in capsys.readouterr().err
+    assert "no checkpoint (checkpoints/last.pt) there" in capsys.readouterr().err
     # A finished run resumes to the same end without training more.
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
 

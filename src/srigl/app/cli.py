@@ -38,6 +38,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     groups = {name: p.add_argument_group(name) for name in (RUN, DATA, SPARSITY, OPTIMISATION)}
     groups[RUN].add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
     groups[RUN].add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    # Not a TrainConfig field: it is an action on the folder, not a property of the run, and a
+    # config.toml fed back with --config must never carry it (it would replace the run it names).
+    groups[RUN].add_argument("--overwrite", action="store_true",
+                             help="let a new run replace the run that --out holds (its files are deleted first)")
     add_config_flags(groups)
     p.set_defaults(handler=_run_train, subparser=p)
     return p
@@ -88,7 +92,7 @@ def _merge(args: dict[str, Any]):
                 values.pop("no_ablation", None)
             if method == "dense":
                 values.pop("sparsity", None)
-    flags = {k: v for k, v in args.items() if k not in ("config", "resume")}
+    flags = {k: v for k, v in args.items() if k not in ("config", "resume", "overwrite")}
     values.update(flags)
     return config_from_mapping(values, "command line")
 
@@ -98,10 +102,13 @@ def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     from srigl.app.metrics import format_table
     from srigl.app.train import TrainingInterrupted, train
 
+    overwrite = bool(args.pop("overwrite", False))
     try:
         if "resume" in args:
             if "config" in args:
-                raise InvalidConfigError("--resume uses the run's own config.toml; do not give --config")
+                raise InvalidConfigError("--resume uses the config in the run's checkpoint; do not give --config")
+            if overwrite:
+                raise InvalidConfigError("--overwrite starts a new run and --resume continues one; give one of them")
             flags = {k: v for k, v in args.items() if k != "resume"}
             config = resume_config(args["resume"], flags)
         else:
@@ -110,10 +117,10 @@ def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     except (InvalidConfigError, InvalidSparsityError) as error:
         parser.error(str(error))
     try:
-        summary = train(config, resume="resume" in args)
+        summary = train(config, resume="resume" in args, overwrite=overwrite)
     except TrainingInterrupted as error:
         print(f"srigl: {error}", file=sys.stderr)
-        return 130
+        return 128 + error.signal_number  # as a shell reports a process ended by the signal: 130, 143
     except (InvalidConfigError, InvalidSparsityError) as error:
         parser.error(str(error))
     finally:
@@ -245,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 for invalid arguments, 1 for other srigl errors,
-        130 when training was interrupted (a checkpoint to resume from was written).
+        130 (SIGINT) or 143 (SIGTERM) when training was interrupted (a checkpoint to resume from
+        was written).
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
