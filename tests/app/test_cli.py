@@ -275,3 +275,33 @@ def test_every_config_field_has_a_flag_whose_default_is_the_field_default(field)
     assert _merge(not_given) == TrainConfig()  # no flag: every field keeps its dataclass default
     if given:
         assert getattr(_merge({field.name: given[field.name]}), field.name) == given[field.name]
+
+
+def test_condense_never_replaces_the_run_it_reads(tmp_path, capsys):
+    out = _train(tmp_path, "--method", "srigl", "--sparsity", "0.8")
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    cases = [
+        (last, "is the input checkpoint"),
+        (out / "checkpoints" / "last.pt", "is the input checkpoint"),
+        (out / "checkpoints" / "condensed.safetensors", "inside the run's checkpoints folder"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "model.safetensors", "does not exist"),
+    ]
+    for source in (out, last):
+        for target, words in cases:
+            with pytest.raises(SystemExit) as exit_info:
+                main(["condense", str(source), "--out", str(target)])
+            assert exit_info.value.code == 2, target
+            assert words in capsys.readouterr().err, target
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    assert main(["condense", str(out), "--out", str(out / "condensed.safetensors")]) == 0
+
+
+def test_bench_is_gone_from_the_cli(capsys):
+    # F6: `srigl bench` ran ./benchmarks/*.py from the current folder; benchmarks now run with `make bench`.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

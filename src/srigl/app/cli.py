@@ -178,11 +178,38 @@ def _condense_parser(sub) -> None:
     p.set_defaults(handler=_run_condense, subparser=p)
 
 
+def check_condense_out(checkpoint: str | Path, out: str | Path) -> None:
+    """Refuse a ``srigl condense --out`` that would replace a run's checkpoint or cannot be written.
+
+    Raises:
+        InvalidConfigError: ``out`` is the input, a file in a run's ``checkpoints/`` folder (resuming
+            needs ``last.pt``), an existing folder, or in a folder that does not exist.
+    """
+    from srigl.io.checkpoint import latest_checkpoint
+
+    out, source = Path(out), latest_checkpoint(checkpoint)  # a run folder names its checkpoints/last.pt
+    if out.exists() and out.is_dir():
+        raise InvalidConfigError(f"--out {str(out)!r} is a folder; give the condensed model file's path")
+    if not out.parent.is_dir():
+        raise InvalidConfigError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    if out.exists() and source is not None and out.resolve() == source.resolve():
+        raise InvalidConfigError(f"--out {str(out)!r} is the input checkpoint; write the condensed model elsewhere")
+    in_run_checkpoints = out.parent.name == "checkpoints" and (
+        (out.parent / "last.pt").exists() or (out.parent.parent / "config.toml").exists()
+    )
+    if in_run_checkpoints:
+        raise InvalidConfigError(
+            f"--out {str(out)!r} is inside the run's checkpoints folder, which `srigl train --resume` reads; "
+            f"write the condensed model elsewhere, e.g. {str(out.parent.parent / 'condensed.safetensors')!r}"
+        )
+
+
 def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     from srigl import condense, save_condensed
     from srigl.app.train import load_trained_model
 
     try:
+        check_condense_out(args["checkpoint"], args["out"])
         model, config = load_trained_model(args["checkpoint"])
     except InvalidConfigError as error:
         parser.error(str(error))
@@ -195,7 +222,10 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     # What rebuilds the architecture (the skeleton load_condensed needs for models with custom blocks).
     skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,
                 "num_classes": info.num_classes}
-    save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
+    try:
+        save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
+    except OSError as error:  # read-only or full file system, permission denied
+        parser.error(f"cannot write {args['out']!r}: {error.strerror or error}")
     call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
           f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
