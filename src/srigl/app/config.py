@@ -416,7 +416,10 @@ def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = Non
     toml = Path(run_dir) / "config.toml"
     if toml.exists():
         try:
-            copy = config_from_mapping(load_config_file(toml), str(toml)).to_dict()
+            written = load_config_file(toml)
+            if not written:  # valid TOML meaning "all defaults": what a crash during a non-atomic rewrite leaves
+                raise InvalidConfigError(f"{toml} is empty")
+            copy = config_from_mapping(written, str(toml)).to_dict()
         except InvalidConfigError as error:
             raise InvalidConfigError(
                 f"{error}; the checkpoint {found} holds the run's config: delete {toml} to resume with it"
