@@ -337,3 +337,42 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
     proc = init_process("cpu", timeout=7.5)
     assert proc.world == 2 and proc.owns_group
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7.5)}
+
+
+SLOW_RANK = r'''
+import os
+import sys
+import time
+
+from srigl.app import datasets
+from srigl.app.cli import main
+
+if os.environ["RANK"] == "1":
+    real = datasets.batches
+
+    def stalled(dataset, order, batch_size, num_workers=0):
+        for i, batch in enumerate(real(dataset, order, batch_size, num_workers)):
+            if i == 2:
+                time.sleep(8)  # a rank that stops answering (frozen, swapping, stuck on I/O)
+            yield batch
+
+    datasets.batches = stalled
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_stalled_rank_ends_the_run_after_dist_timeout(tmp_path):
+    # L5 (issue #14): without a timeout a frozen rank blocked the others for gloo's default 30 minutes.
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "256", "--limit-test", "64", "--no-progress", "--out", str(tmp_path / "run"),
+         "--dist-timeout", "2"],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "srigl train: error: rank 0: another rank did not answer within 2 s (--dist-timeout)" in result.stderr, \
+        result.stderr[-4000:]

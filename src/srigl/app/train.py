@@ -218,6 +218,10 @@ def _check_ranks_agree(cfg: TrainConfig, proc: Process, setup_error: InvalidConf
 
 
 # ------------------------------------------------------------------------------------- the run
+class RankTimeout(SriglError, RuntimeError):
+    """A distributed run stopped because a rank did not answer within ``dist_timeout`` seconds."""
+
+
 class TrainingInterrupted(SriglError):
     """Training was stopped by a signal; a checkpoint to resume from was written (its path is in the message).
 
@@ -257,6 +261,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             ``resume`` nor ``overwrite`` is set), is a file, cannot be written, is used by another
             ``srigl train``, or (``resume``) the checkpoint was trained with another config.
         ReplicaDivergenceError: distributed ranks with different configs or masks.
+        RankTimeout: a distributed rank did not answer within ``config.dist_timeout`` seconds.
         TrainingInterrupted: on SIGINT or SIGTERM, after writing a checkpoint to resume from.
     """
     cfg = resolve_config(config)
@@ -270,7 +275,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             except InvalidConfigError as error:
                 setup_error = error
         _check_ranks_agree(cfg, proc, setup_error)
-        return _run(cfg, proc, resume, stop, log)
+        try:
+            return _run(cfg, proc, resume, stop, log)
+        except RuntimeError as error:
+            # gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog reports "timeout".
+            if proc.world == 1 or isinstance(error, SriglError) or "timed out" not in str(error).lower():
+                raise
+            raise RankTimeout(
+                f"rank {proc.rank}: another rank did not answer within {cfg.dist_timeout:g} s (--dist-timeout); "
+                f"it is frozen, dead or far slower ({str(error).splitlines()[0]})"
+            ) from error
 
 
 def _stop_requested(stop: StopSignals, proc: Process) -> bool:
