@@ -181,3 +181,19 @@ def test_signal_at_any_phase_then_resume_is_bitwise_the_straight_run(tmp_path, m
     tensors = assert_bitwise_equal(a, b)
     assert tensors > 10
     assert _rows(straight) == _rows(out)
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path, capsys):
+    # nohup and background jobs start with SIGINT ignored: training must not start reacting to it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from srigl.app.run_dir import StopSignals
+
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._record
+            signal.raise_signal(signal.SIGINT)
+            assert stop.received is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -112,7 +112,8 @@ class StopSignals:
     The handlers only record: nothing is raised inside a step, a save or an evaluation, and a second
     Ctrl-C while the checkpoint is being written is recorded and ignored, so the save completes.
     The previous handlers come back on exit (``train`` is also called in-process, e.g. by tests).
-    Outside the main thread, where Python cannot install handlers, nothing changes.
+    Outside the main thread, where Python cannot install handlers, nothing changes; neither does a
+    signal that is ignored (``SIG_IGN``, as ``nohup`` and background jobs have SIGINT).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -128,6 +129,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # ignored on purpose (nohup, a background job): stays ignored
                 self._previous[signum] = signal.signal(signum, self._record)
         return self
 
