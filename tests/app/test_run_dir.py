@@ -165,3 +165,18 @@ def test_config_toml_is_written_atomically(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--out", str(out)]) == 0
     assert {"config.toml", "summary.json"} <= set(written)  # checkpoints: srigl.io.checkpoint, atomic too
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path, capsys):
+    import torch
+
+    from srigl.io.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(out)]) == 0
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["extra"]["config"]["sparse_init"]  # as written before the field was added
+    save_checkpoint(path, state)
+    (out / "config.toml").unlink()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0

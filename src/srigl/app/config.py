@@ -371,9 +371,11 @@ def config_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> di
     """``{field: (saved value, given value)}`` for every field that defines the run and differs.
 
     Runtime options and ``out`` (:data:`NOT_COMPARED`) are not compared: they may change on resume.
+    Nor is a field ``saved`` lacks: it was saved by a srigl that predates the field, whose default
+    then applies.
     """
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_COMPARED]
-    return {name: (saved.get(name), given.get(name)) for name in names if saved.get(name) != given.get(name)}
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_COMPARED and f.name in saved]
+    return {name: (saved[name], given.get(name)) for name in names if saved[name] != given.get(name)}
 
 
 def _listed(differences: Mapping[str, tuple[Any, Any]], left: str, right: str) -> str:
