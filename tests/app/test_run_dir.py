@@ -180,3 +180,26 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path,
     save_checkpoint(path, state)
     (out / "config.toml").unlink()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+
+
+def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import srigl
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom srigl.app.run_dir import claim_run_dir\n"
+         f"lock = claim_run_dir({str(out)!r})\nprint('locked', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(srigl.__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _refused(capsys, ["train", *QUICK, "--out", str(out)])
+        assert f"another `srigl train` (pid {holder.pid}) is using the run folder" in err
+    finally:
+        holder.kill()  # killed, not released: the kernel drops the lock with the process
+        holder.wait()
+    assert main(["train", *QUICK, "--out", str(out)]) == 0
