@@ -376,3 +376,36 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout(tmp_path):
     assert result.returncode != 0
     assert "srigl train: error: rank 0: another rank did not answer within 2 s (--dist-timeout)" in result.stderr, \
         result.stderr[-4000:]
+
+
+OTHER_MASKS = r'''
+import dataclasses
+import os
+import sys
+
+from srigl.app import train as train_module
+from srigl.app.cli import main
+
+if os.environ["RANK"] == "1":
+    # Same config on both ranks, but rank 1 draws other masks (as another torch version or a
+    # patched sparsifier could): only the mask comparison can tell.
+    real = train_module.build_sparsifier
+    train_module.build_sparsifier = lambda config, *a: real(dataclasses.replace(config, seed=config.seed + 1), *a)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_ranks_with_the_same_config_but_other_masks_fail_fast(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "other_masks.py"
+    script.write_text(OTHER_MASKS)
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "128", "--limit-test", "64", "--no-progress", "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert "epoch 1/1" not in result.stdout
+    assert result.stderr.count("masks (at start) differ from rank 0 (world size 2): fc1.weight on ranks [1]") >= 2, \
+        result.stderr[-4000:]
