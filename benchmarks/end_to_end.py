@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                 data="fashion-mnist", data_dir=args.data_dir, model=name, method="srigl", sparsity=0.9,
                 seed=0, out=str(run_dir), progress=False, **settings,
             )
-            train(config)
+            train(config, overwrite=True)  # no summary: nothing finished there to keep
         import json
 
         summary = json.loads((run_dir / "summary.json").read_text())

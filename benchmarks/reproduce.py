@@ -186,7 +186,9 @@ def run_one(run: Run, data: str, data_dir: str | None, runs_dir: Path, logs_dir:
     if (out / "checkpoints" / "last.pt").exists() and (out / "config.toml").exists():
         args = ["--resume", str(out), "--threads", "1", "--no-progress"] + (["--data-dir", data_dir] if data_dir else [])
     else:
-        args = run.args(data, data_dir, out)
+        # The folder holds nothing, or a run killed before its first checkpoint: start it again
+        # (srigl train refuses a folder that holds a run unless told to replace it).
+        args = [*run.args(data, data_dir, out), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     with open(logs_dir / f"{run.name}.log", "w") as log:

@@ -281,3 +281,131 @@ def test_torchrun_cli_writes_one_run_folder(tmp_path, engine):
         assert any(key.endswith(".values") for key in state["model"]), sorted(state["model"])[:5]
     assert not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())
     shutil.rmtree(out)
+
+
+PER_RANK = r'''
+import os
+import sys
+
+from srigl.app.cli import main
+
+# "{rank}" in an argument becomes this rank's number: per-rank flags under one torchrun command.
+sys.exit(main([arg.replace("{rank}", os.environ["RANK"]) for arg in sys.argv[1:]]))
+'''
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--seed", "{rank}", "--compact"], "seed (rank 0: 0, rank 1: 1)"),
+        (["--sparsity", "0.{rank}5"], "sparsity (rank 0: 0.05, rank 1: 0.15)"),
+    ],
+    ids=["seed-compact", "sparsity-masked-dense"],
+)
+def test_ranks_started_with_different_configs_fail_fast(tmp_path, flags, words):
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "per_rank.py"
+    script.write_text(PER_RANK)
+    out = tmp_path / "run"
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "128", "--limit-test", "64", "--no-progress", "--out", str(out), *flags],
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert "epoch 1/1" not in result.stdout  # stopped before any training step
+    # every rank stops with the same named error (instead of training on, or a gloo abort)
+    assert result.stderr.count("the ranks were started with different configs") >= 2, result.stderr[-4000:]
+    assert words in result.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from srigl.app.train import init_process
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    proc = init_process("cpu", timeout=7.5)
+    assert proc.world == 2 and proc.owns_group
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7.5)}
+
+
+SLOW_RANK = r'''
+import os
+import sys
+import time
+
+from srigl.app import datasets
+from srigl.app.cli import main
+
+if os.environ["RANK"] == "1":
+    real = datasets.batches
+
+    def stalled(dataset, order, batch_size, num_workers=0):
+        for i, batch in enumerate(real(dataset, order, batch_size, num_workers)):
+            if i == 2:
+                time.sleep(8)  # a rank that stops answering (frozen, swapping, stuck on I/O)
+            yield batch
+
+    datasets.batches = stalled
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_stalled_rank_ends_the_run_after_dist_timeout(tmp_path):
+    # L5 (issue #14): without a timeout a frozen rank blocked the others for gloo's default 30 minutes.
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "256", "--limit-test", "64", "--no-progress", "--out", str(tmp_path / "run"),
+         "--dist-timeout", "2"],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "srigl train: error: rank 0: another rank did not answer within 2 s (--dist-timeout)" in result.stderr, \
+        result.stderr[-4000:]
+
+
+OTHER_MASKS = r'''
+import dataclasses
+import os
+import sys
+
+from srigl.app import train as train_module
+from srigl.app.cli import main
+
+if os.environ["RANK"] == "1":
+    # Same config on both ranks, but rank 1 draws other masks (as another torch version or a
+    # patched sparsifier could): only the mask comparison can tell.
+    real = train_module.build_sparsifier
+    train_module.build_sparsifier = lambda config, *a: real(dataclasses.replace(config, seed=config.seed + 1), *a)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_ranks_with_the_same_config_but_other_masks_fail_fast(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+    script = tmp_path / "other_masks.py"
+    script.write_text(OTHER_MASKS)
+    result = _torchrun(
+        [str(script), "train", "--data", "digits", "--method", "srigl", "--epochs", "1", "--batch-size", "32",
+         "--limit-train", "128", "--limit-test", "64", "--no-progress", "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert "epoch 1/1" not in result.stdout
+    assert result.stderr.count("masks (at start) differ from rank 0 (world size 2): fc1.weight on ranks [1]") >= 2, \
+        result.stderr[-4000:]

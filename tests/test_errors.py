@@ -312,6 +312,65 @@ def _gzip_bomb_idx():
         header = struct.pack(">IIII", 0x00000803, 10, 28, 28)  # promises 7840 bytes
         Path("train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(1 << 24), compresslevel=1))
         read_idx("train-images-idx3-ubyte.gz")
+# ---------------------------------------------------------------------- #14: the training app's run folder
+def _app_config(**kw):
+    from srigl.app.config import TrainConfig, resolve_config
+
+    return resolve_config(TrainConfig(data="digits", **kw))
+
+
+def _claim(run_dir: str = "run"):
+    from srigl.app.run_dir import claim_run_dir
+
+    claim_run_dir(run_dir).release()
+
+
+def _run_folder_case(kind: str):
+    """Set up a run folder in a temporary directory (short, stable paths), then trigger ``kind``."""
+    from srigl.app.config import dumps_toml, load_config_file, resume_config
+    from srigl.app.run_dir import RunLock
+
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        if kind == "empty out":
+            _app_config(out="")
+        elif kind == "out is a file":
+            Path("run").write_text("notes\n")
+            _claim()
+        elif kind == "out under a file":
+            Path("notes").write_text("notes\n")
+            _claim("notes/run")
+        elif kind == "holds a run":
+            Path("run/checkpoints").mkdir(parents=True)
+            Path("run/config.toml").write_text("")
+            Path("run/checkpoints/last.pt").write_bytes(b"")
+            _claim()
+        elif kind == "locked":
+            Path("run").mkdir()
+            held = RunLock(Path("run"))
+            os.pwrite(held._fd, b"4242\n", 0)  # a stable pid in the message (the holder writes its own)
+            try:
+                _claim()
+            finally:
+                held.release()
+        elif kind == "config is a folder":
+            load_config_file(".")
+        elif kind == "config not UTF-8":
+            Path("c.toml").write_bytes(b'data = "fashion-mnist"\nmodel = "\xff"\n')
+            load_config_file("c.toml")
+        elif kind in ("config.toml edited", "config.toml empty"):
+            config = _app_config(out="run", epochs=2)
+            model, opt = mlp()
+            save_checkpoint("run/checkpoints/last.pt", training_state(model, opt, config=config.to_dict()))
+            text = dumps_toml(config.to_dict()).replace("epochs = 2", "epochs = 5")
+            Path("run/config.toml").write_text(text if kind == "config.toml edited" else "")
+            resume_config("run")
+        elif kind == "condense over the checkpoint":
+            from srigl.app.cli import check_condense_out
+
+            Path("run/checkpoints").mkdir(parents=True)
+            Path("run/config.toml").write_text("")
+            Path("run/checkpoints/last.pt").write_bytes(b"")
+            check_condense_out("run", "run/checkpoints/last.pt")
 
 
 @dataclass(frozen=True)
@@ -473,6 +532,37 @@ CASES = [
     Case("gzipped idx file inflating far beyond its header (a gzip bomb)", "refused after one byte past the header's promise",
          _gzip_bomb_idx, CorruptDatasetError,
          r"promises shape \(10, 28, 28\) = 7840 data bytes, but the file holds more than 7840 \(reading stopped there\)"),
+    # --- #14 app
+    Case("`srigl train --out \"\"` (the current folder)", "refused before anything is written",
+         lambda: _run_folder_case("empty out"), InvalidConfigError, r"out must name a run folder, got ''"),
+    Case("`srigl train --out FILE` (an existing file)", "refused; the file is untouched",
+         lambda: _run_folder_case("out is a file"), InvalidConfigError,
+         r"the run folder 'run' is an existing file; give --out a folder"),
+    Case("`srigl train --out` that cannot be created (under a file, read-only)", "refused with the reason",
+         lambda: _run_folder_case("out under a file"), InvalidConfigError,
+         r"cannot create the run folder 'notes/run': Not a directory"),
+    Case("new `srigl train` into a folder that holds a run", "refused; points to `--resume` and `--overwrite`",
+         lambda: _run_folder_case("holds a run"), InvalidConfigError,
+         r"'run' already holds a run \(config.toml, checkpoints/last.pt\); continue it with `srigl train --resume run`, "
+         r"or pass --overwrite to replace it"),
+    Case("second `srigl train` on a folder another one is writing", "refused at once; names the other process",
+         lambda: _run_folder_case("locked"), InvalidConfigError,
+         r"another `srigl train` \(pid 4242\) is using the run folder 'run'"),
+    Case("`--config` naming a folder", "refused", lambda: _run_folder_case("config is a folder"), InvalidConfigError,
+         r"config file '.' is a folder; give a TOML file"),
+    Case("`--config` file that is not UTF-8", "refused; names the byte", lambda: _run_folder_case("config not UTF-8"),
+         InvalidConfigError, r"config file 'c.toml' is not UTF-8 text \(byte 32: b'\\xff'\)"),
+    Case("`--resume` with an edited `config.toml`", "refused; the checkpoint's config is the truth, the keys are named",
+         lambda: _run_folder_case("config.toml edited"), InvalidConfigError,
+         r"run/config.toml differs from the config in the checkpoint run/checkpoints/last.pt in \['epochs'\] "
+         r"\(epochs: checkpoint 2, config.toml 5\)"),
+    Case("`--resume` with an empty `config.toml`", "refused; says to delete it to resume from the checkpoint",
+         lambda: _run_folder_case("config.toml empty"), InvalidConfigError,
+         r"run/config.toml is empty; the checkpoint run/checkpoints/last.pt holds the run's config: delete "
+         r"run/config.toml to resume with it"),
+    Case("`srigl condense RUN --out RUN/checkpoints/last.pt`", "refused; the training checkpoint stays",
+         lambda: _run_folder_case("condense over the checkpoint"), InvalidConfigError,
+         r"--out 'run/checkpoints/last.pt' is the input checkpoint"),
 ]
 
 

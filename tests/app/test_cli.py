@@ -8,6 +8,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import tomllib
@@ -111,7 +112,7 @@ def test_config_file_run_end_to_end(tmp_path):
         (["--sparsity", "1.0"], ["sparsity must be in [0.0, 1.0), got 1.0"]),
         (["--sparsity", "-0.5"], ["sparsity must be in [0.0, 1.0), got -0.5"]),
         (["--epochs", "0"], ["epochs must be >= 1, got 0"]),
-        (["--resume", "x", "--config", "y"], ["--resume uses the run's own config.toml"]),
+        (["--resume", "x", "--config", "y"], ["--resume uses the config in the run's checkpoint"]),
     ],
 )
 def test_invalid_flags_exit_2_with_the_valid_choices(capsys, argv, words):
@@ -143,7 +144,7 @@ def test_infeasible_sparsity_is_a_usage_error(tmp_path, capsys):
 
 
 def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
-    """Make the training data stream raise Ctrl-C in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
+    """Make the training data stream send Ctrl-C (SIGINT) in epoch ``epoch_to_cut`` after ``batches_done`` batches."""
     real = datasets.batches
     calls = {"n": 0}
 
@@ -151,7 +152,7 @@ def _interrupt_after(monkeypatch, epoch_to_cut: int, batches_done: int):
         calls["n"] += 1
         for i, batch in enumerate(real(dataset, order, batch_size, num_workers)):
             if calls["n"] == epoch_to_cut and i == batches_done:
-                raise KeyboardInterrupt
+                signal.raise_signal(signal.SIGINT)
             yield batch
 
     monkeypatch.setattr(datasets, "batches", cut)
@@ -191,7 +192,7 @@ def test_resume_refuses_changes_and_missing_runs(tmp_path, capsys):
     assert exit_info.value.code == 2 and "cannot change ['sparsity']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path / "nothing")])
-    assert "no config.toml there" in capsys.readouterr().err
+    assert "no checkpoint (checkpoints/last.pt) there" in capsys.readouterr().err
     # A finished run resumes to the same end without training more.
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
 
@@ -274,3 +275,33 @@ def test_every_config_field_has_a_flag_whose_default_is_the_field_default(field)
     assert _merge(not_given) == TrainConfig()  # no flag: every field keeps its dataclass default
     if given:
         assert getattr(_merge({field.name: given[field.name]}), field.name) == given[field.name]
+
+
+def test_condense_never_replaces_the_run_it_reads(tmp_path, capsys):
+    out = _train(tmp_path, "--method", "srigl", "--sparsity", "0.8")
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    cases = [
+        (last, "is the input checkpoint"),
+        (out / "checkpoints" / "last.pt", "is the input checkpoint"),
+        (out / "checkpoints" / "condensed.safetensors", "inside the run's checkpoints folder"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "model.safetensors", "does not exist"),
+    ]
+    for source in (out, last):
+        for target, words in cases:
+            with pytest.raises(SystemExit) as exit_info:
+                main(["condense", str(source), "--out", str(target)])
+            assert exit_info.value.code == 2, target
+            assert words in capsys.readouterr().err, target
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    assert main(["condense", str(out), "--out", str(out / "condensed.safetensors")]) == 0
+
+
+def test_bench_is_gone_from_the_cli(capsys):
+    # F6: `srigl bench` ran ./benchmarks/*.py from the current folder; benchmarks now run with `make bench`.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

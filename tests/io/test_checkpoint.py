@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -320,8 +321,9 @@ def test_exception_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left") as info:  # named, with the free space (L1)
         save_checkpoint(path, training_state(model, opt, sp, step=2))
+    assert isinstance(info.value.__cause__, OSError)
     monkeypatch.setattr(torch, "save", real_save)
     assert _digest(path) == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # the temporary file was removed
@@ -667,3 +669,72 @@ def test_latest_checkpoint_conventions(tmp_path):
     assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "last.pt"
     assert latest_checkpoint(run / "checkpoints" / "last.pt") == run / "checkpoints" / "last.pt"
     assert latest_checkpoint(tmp_path / "missing.pt") is None
+
+
+def _tiny_state():
+    model = nn.Linear(64, 64)
+    return training_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("failure", ["zip writer", "ENOSPC"])
+def test_a_full_disk_is_named_with_path_and_free_space(tmp_path, monkeypatch, failure):
+    # L1 (issue #14): the user saw only "[enforce fail at inline_container.cc:672] . unexpected pos".
+    import errno
+    import shutil
+
+    from srigl.io import checkpoint as checkpoint_module
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, _tiny_state())
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        if failure == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1071424 vs 1071352")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, _tiny_state())
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    message = str(info.value)
+    assert f"cannot write checkpoint {path}" in message
+    assert "4096 bytes (0.0 MiB) free there" in message and "intact" in message
+    assert re.search(r"needs about \d{5} bytes", message)
+    assert ("No space left on device" if failure == "ENOSPC" else "unexpected pos") in message
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def test_a_real_write_limit_is_a_named_error(tmp_path):
+    # The file system refuses the write (RLIMIT_FSIZE stands in for a full disk): a named error, no traceback mess.
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, sys, torch
+from torch import nn
+from srigl.io.checkpoint import save_checkpoint, training_state
+from srigl.errors import CheckpointError
+model = nn.Linear(256, 256)
+state = training_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
+save_checkpoint({str(tmp_path / 'last.pt')!r}, state)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_checkpoint({str(tmp_path / 'last.pt')!r}, state)
+except CheckpointError as error:
+    print(error)
+    sys.exit(3)
+"""
+    import srigl
+
+    src = str(Path(srigl.__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": src})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"cannot write checkpoint {tmp_path / 'last.pt'}" in result.stdout and "free there" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

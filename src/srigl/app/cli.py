@@ -38,6 +38,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     groups = {name: p.add_argument_group(name) for name in (RUN, DATA, SPARSITY, OPTIMISATION)}
     groups[RUN].add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags, with _)")
     groups[RUN].add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    # Not a TrainConfig field: it is an action on the folder, not a property of the run, and a
+    # config.toml fed back with --config must never carry it (it would replace the run it names).
+    groups[RUN].add_argument("--overwrite", action="store_true",
+                             help="let a new run replace the run that --out holds (its files are deleted first)")
     add_config_flags(groups)
     p.set_defaults(handler=_run_train, subparser=p)
     return p
@@ -88,7 +92,7 @@ def _merge(args: dict[str, Any]):
                 values.pop("no_ablation", None)
             if method == "dense":
                 values.pop("sparsity", None)
-    flags = {k: v for k, v in args.items() if k not in ("config", "resume")}
+    flags = {k: v for k, v in args.items() if k not in ("config", "resume", "overwrite")}
     values.update(flags)
     return config_from_mapping(values, "command line")
 
@@ -98,10 +102,13 @@ def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     from srigl.app.metrics import format_table
     from srigl.app.train import TrainingInterrupted, train
 
+    overwrite = bool(args.pop("overwrite", False))
     try:
         if "resume" in args:
             if "config" in args:
-                raise InvalidConfigError("--resume uses the run's own config.toml; do not give --config")
+                raise InvalidConfigError("--resume uses the config in the run's checkpoint; do not give --config")
+            if overwrite:
+                raise InvalidConfigError("--overwrite starts a new run and --resume continues one; give one of them")
             flags = {k: v for k, v in args.items() if k != "resume"}
             config = resume_config(args["resume"], flags)
         else:
@@ -110,10 +117,10 @@ def _run_train(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     except (InvalidConfigError, InvalidSparsityError) as error:
         parser.error(str(error))
     try:
-        summary = train(config, resume="resume" in args)
+        summary = train(config, resume="resume" in args, overwrite=overwrite)
     except TrainingInterrupted as error:
         print(f"srigl: {error}", file=sys.stderr)
-        return 130
+        return 128 + error.signal_number  # as a shell reports a process ended by the signal: 130, 143
     except (InvalidConfigError, InvalidSparsityError) as error:
         parser.error(str(error))
     finally:
@@ -171,11 +178,38 @@ def _condense_parser(sub) -> None:
     p.set_defaults(handler=_run_condense, subparser=p)
 
 
+def check_condense_out(checkpoint: str | Path, out: str | Path) -> None:
+    """Refuse a ``srigl condense --out`` that would replace a run's checkpoint or cannot be written.
+
+    Raises:
+        InvalidConfigError: ``out`` is the input, a file in a run's ``checkpoints/`` folder (resuming
+            needs ``last.pt``), an existing folder, or in a folder that does not exist.
+    """
+    from srigl.io.checkpoint import latest_checkpoint
+
+    out, source = Path(out), latest_checkpoint(checkpoint)  # a run folder names its checkpoints/last.pt
+    if out.exists() and out.is_dir():
+        raise InvalidConfigError(f"--out {str(out)!r} is a folder; give the condensed model file's path")
+    if not out.parent.is_dir():
+        raise InvalidConfigError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    if out.exists() and source is not None and out.resolve() == source.resolve():
+        raise InvalidConfigError(f"--out {str(out)!r} is the input checkpoint; write the condensed model elsewhere")
+    in_run_checkpoints = out.parent.name == "checkpoints" and (
+        (out.parent / "last.pt").exists() or (out.parent.parent / "config.toml").exists()
+    )
+    if in_run_checkpoints:
+        raise InvalidConfigError(
+            f"--out {str(out)!r} is inside the run's checkpoints folder, which `srigl train --resume` reads; "
+            f"write the condensed model elsewhere, e.g. {str(out.parent.parent / 'condensed.safetensors')!r}"
+        )
+
+
 def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     from srigl import condense, save_condensed
     from srigl.app.train import load_trained_model
 
     try:
+        check_condense_out(args["checkpoint"], args["out"])
         model, config = load_trained_model(args["checkpoint"])
     except InvalidConfigError as error:
         parser.error(str(error))
@@ -188,7 +222,10 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     # What rebuilds the architecture (the skeleton load_condensed needs for models with custom blocks).
     skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,
                 "num_classes": info.num_classes}
-    save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
+    try:
+        save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
+    except OSError as error:  # read-only or full file system, permission denied
+        parser.error(f"cannot write {args['out']!r}: {error.strerror or error}")
     call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
           f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
@@ -245,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 for invalid arguments, 1 for other srigl errors,
-        130 when training was interrupted (a checkpoint to resume from was written).
+        130 (SIGINT) or 143 (SIGTERM) when training was interrupted (a checkpoint to resume from
+        was written).
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))

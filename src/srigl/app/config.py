@@ -106,6 +106,8 @@ class TrainConfig:
     progress: bool = _option(True, "tqdm progress bars on a terminal; --no-progress turns them off", RUN)
     compact: bool = _option(False, "srigl only: train sparse layers as compact (n_active, k) values + indices", RUN)
     device: str = _option("auto", "device (default {default}: CUDA when available)", RUN, choices=lambda: DEVICES)
+    dist_timeout: float = _option(300.0, "distributed runs: seconds a rank waits for the others before the run fails "
+                                  "(default {default})", RUN, metavar="SECONDS")
     sparse_init: bool = _option(True, "rescale each neuron's initial weights to its sparse fan-in (the SRigL "
                                 "reference's sparse Kaiming init); --no-sparse-init keeps the dense scale", SPARSITY)
 
@@ -115,7 +117,10 @@ class TrainConfig:
 
 
 # Options that only change how a run executes, not what it computes: a resumed run may change them.
-RUNTIME_FIELDS = frozenset({"data_dir", "plot", "threads", "progress", "device"})
+RUNTIME_FIELDS = frozenset({"data_dir", "plot", "threads", "progress", "device", "dist_timeout"})
+# Fields that do not define what a run computes: the runtime options, and where the run folder is
+# (a run folder may be moved). Two configs that agree on every other field are the same run.
+NOT_COMPARED = RUNTIME_FIELDS | {"out"}
 
 
 def config_fields() -> dict[str, type]:
@@ -240,8 +245,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if c.compact and not getattr(getattr(ALGORITHMS.get(c.method), "default_structure", None), "condensable", False):
         # Compact storage holds k values + indices per neuron: constant fan-in methods only.
         raise InvalidConfigError(f"compact training needs a constant fan-in method such as 'srigl', not {c.method!r}")
+    _check_range("dist_timeout", c.dist_timeout, 0.0, math.inf, low_open=True, high_open=True)
     if c.out is None:
         c.out = str(Path("runs") / run_name(c))
+    elif not c.out.strip():
+        # "" would be the current directory: a run's files would land among whatever is there.
+        raise InvalidConfigError(f"out must name a run folder, got {c.out!r}")
     return c
 
 
@@ -346,21 +355,51 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise InvalidConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidConfigError(f"config file {str(path)!r} is a folder; give a TOML file") from None
+    except OSError as error:
+        raise InvalidConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise InvalidConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.object[error.start:error.start + 1]!r})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise InvalidConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
 
 
+def config_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, given value)}`` for every field that defines the run and differs.
+
+    Runtime options and ``out`` (:data:`NOT_COMPARED`) are not compared: they may change on resume.
+    Nor is a field ``saved`` lacks: it was saved by a srigl that predates the field, whose default
+    then applies.
+    """
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_COMPARED and f.name in saved]
+    return {name: (saved[name], given.get(name)) for name in names if saved[name] != given.get(name)}
+
+
+def _listed(differences: Mapping[str, tuple[Any, Any]], left: str, right: str) -> str:
+    return "; ".join(f"{name}: {left} {a!r}, {right} {b!r}" for name, (a, b) in differences.items())
+
+
 def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The config of the run in ``run_dir`` (its ``config.toml``), with runtime options overridden.
+    """The config of the run in ``run_dir``, from its checkpoint, with runtime options overridden.
+
+    The checkpoint's config is what the run trained with, so it is the truth. ``config.toml`` is
+    only a copy for people (and for ``--config``): a copy that differs from it (edited, or left
+    empty by an older srigl that rewrote it non-atomically) is an error naming the differing keys,
+    because silently ignoring an edit would train something other than what the file says. A
+    missing ``config.toml`` is fine; the run writes it again.
 
     Raises:
-        InvalidConfigError: no ``config.toml`` there, or an override that would change what the
-            run computes (only ``data_dir``, ``plot``, ``threads``, ``progress`` and ``device`` may change).
+        InvalidConfigError: no checkpoint there (or one without a run config), a ``config.toml``
+            that cannot be read or differs from the checkpoint, or an override that would change
+            what the run computes (only ``data_dir``, ``plot``, ``threads``, ``progress``,
+            ``device`` and ``dist_timeout`` may change).
+        srigl.errors.CheckpointError: the checkpoint is damaged.
     """
-    path = Path(run_dir) / "config.toml"
-    if not path.exists():
-        raise InvalidConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there")
-    values = load_config_file(path)
+    from srigl.io.checkpoint import latest_checkpoint, load_checkpoint
+
     overrides = dict(overrides or {})
     changed = sorted(set(overrides) - RUNTIME_FIELDS)
     if changed:
@@ -368,6 +407,32 @@ def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = Non
             f"--resume continues the run with its own config; cannot change {changed} "
             f"(only {sorted(RUNTIME_FIELDS)} may be given)"
         )
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise InvalidConfigError(f"cannot resume {str(run_dir)!r}: no checkpoint (checkpoints/last.pt) there")
+    saved = load_checkpoint(found).get("extra", {}).get("config")
+    if not isinstance(saved, Mapping):
+        raise InvalidConfigError(f"cannot resume from {found}: it holds no run config; it was not written by `srigl train`")
+    values = {k: v for k, v in saved.items() if v is not None}
+    config_from_mapping(values, str(found))  # a checkpoint from another srigl version is reported here
+    toml = Path(run_dir) / "config.toml"
+    if toml.exists():
+        try:
+            written = load_config_file(toml)
+            if not written:  # valid TOML meaning "all defaults": what a crash during a non-atomic rewrite leaves
+                raise InvalidConfigError(f"{toml} is empty")
+            copy = config_from_mapping(written, str(toml)).to_dict()
+        except InvalidConfigError as error:
+            raise InvalidConfigError(
+                f"{error}; the checkpoint {found} holds the run's config: delete {toml} to resume with it"
+            ) from None
+        differences = config_differences(saved, copy)
+        if differences:
+            raise InvalidConfigError(
+                f"{toml} differs from the config in the checkpoint {found} in {sorted(differences)} "
+                f"({_listed(differences, 'checkpoint', 'config.toml')}); the checkpoint is what the run trained "
+                f"with: undo the edit, or delete {toml} to resume with the checkpoint's config"
+            )
     values.update(overrides)
     values["out"] = str(run_dir)
-    return config_from_mapping(values, str(path))
+    return config_from_mapping(values, str(found))

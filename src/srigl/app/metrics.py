@@ -7,6 +7,7 @@ matplotlib and TensorBoard are imported where they are used.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.app import flops
+from srigl.io.atomic import atomic_write
 from srigl.masks import unwrap
 
 METRIC_COLUMNS = (
@@ -87,10 +89,12 @@ class MetricsLog:
             # A resumed run keeps the rows of the epochs its checkpoint covers and drops the rest.
             with open(self.path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= keep_epochs]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        # Rewritten atomically: a crash here must not lose the rows of the epochs already trained.
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, lambda file: file.write(text.getvalue().encode()))
         self.rows: list[dict[str, Any]] = [{k: float(v) for k, v in r.items()} for r in rows]
         self.tensorboard = None
         try:

@@ -2,6 +2,7 @@
 
 :func:`train` runs one resolved :class:`srigl.app.config.TrainConfig` and writes, into ``config.out``::
 
+    .srigl.lock          held while a ``srigl train`` writes the folder (see srigl.app.run_dir)
     config.toml          the fully resolved config (feed it back with ``--config``)
     metrics.csv          one row per epoch
     summary.json         final metrics, per-layer summary (incl. every neuron's fan-in), costs
@@ -14,9 +15,19 @@ sparsifier's own generator seeded with ``seed``, and the order (and augmentation
 ``e`` is a pure function of ``(seed, e)`` (:func:`srigl.app.datasets.epoch_order`), so a resumed
 run replays exactly the batches the interrupted one would have seen.
 
+Nothing lost: a new run refuses a folder that holds a run (``--resume`` continues it,
+``--overwrite`` replaces it) and a folder another ``srigl train`` is writing; files are written
+atomically; SIGINT (Ctrl-C) and SIGTERM stop the run between two whole steps, after which a
+checkpoint of that exact state is written and :class:`TrainingInterrupted` raised (exit status 130
+or 143), so that ``--resume`` continues bit for bit. A second signal while that checkpoint is
+written is ignored: the save completes.
+
 Distributed: when ``WORLD_SIZE > 1`` (``torchrun``), the process group is initialised (gloo on CPU,
-nccl on CUDA), the model is wrapped in DDP, each rank trains on its shard of the epoch's order
-(the same strided split a ``DistributedSampler`` makes) and only rank 0 prints and writes files.
+nccl on CUDA) with a timeout (``dist_timeout``), so that a frozen rank ends the run in bounded
+time; the ranks compare their configs and initial masks (and the masks after every update) and
+stop with :class:`srigl.errors.ReplicaDivergenceError` when they differ; the model is wrapped in
+DDP, each rank trains on its shard of the epoch's order (the same strided split a
+``DistributedSampler`` makes) and only rank 0 prints and writes files.
 
 Only torch and srigl's core (and the app's config, metrics and FLOP modules) are imported at module
 level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module are imported where
@@ -25,10 +36,14 @@ they are used.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,7 +55,9 @@ from srigl.algorithms import get_algorithm
 from srigl.app import flops
 from srigl.app.config import (
     METHODS_DENSE,
+    NOT_COMPARED,
     TrainConfig,
+    config_differences,
     config_from_mapping,
     dumps_json,
     dumps_toml,
@@ -49,7 +66,8 @@ from srigl.app.config import (
     resolve_config,
 )
 from srigl.app.metrics import MetricsLog, evaluate, layer_report, neuron_totals, plot_curves
-from srigl.errors import InvalidConfigError, SriglError
+from srigl.app.run_dir import StopSignals, claim_run_dir
+from srigl.errors import InvalidConfigError, ReplicaDivergenceError, SriglError
 
 # The step schedule divides the learning rate by 5 at these fractions of the post-warm-up steps
 # (RigL's CIFAR recipe: /5 at 30k, 60k, 90k of 97.6k steps).
@@ -129,8 +147,12 @@ class Process:
         return self.rank == 0
 
 
-def init_process(device: str = "auto") -> Process:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else run alone."""
+def init_process(device: str = "auto", timeout: float = 300.0) -> Process:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else run alone.
+
+    ``timeout`` (seconds) bounds every collective: a rank that stops answering (frozen, not dead)
+    makes the others fail after that long instead of gloo's default 30 minutes.
+    """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidConfigError("device 'cuda' was asked for but CUDA is not available")
@@ -144,7 +166,9 @@ def init_process(device: str = "auto") -> Process:
         torch.cuda.set_device(local_rank)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Process(dist.get_rank(), dist.get_world_size(), dev, owns_group)
 
@@ -159,9 +183,56 @@ def _all_sum(values: list[float], proc: Process) -> list[float]:
     return tensor.tolist()
 
 
+def _check_ranks_agree(cfg: TrainConfig, proc: Process, setup_error: InvalidConfigError | None) -> None:
+    """Raise on every rank when the ranks' configs differ, or when rank 0 could not claim the run folder.
+
+    One collective: every rank contributes the fields that define the run (runtime options and
+    ``out`` aside) and rank 0 its set-up error, so that all ranks stop together instead of the
+    others waiting for rank 0 until the timeout.
+    """
+    if proc.world == 1:
+        if setup_error is not None:
+            raise setup_error
+        return
+    import torch.distributed as dist
+
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in NOT_COMPARED}
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
+    gathered: list[Any] = [None] * proc.world
+    dist.all_gather_object(gathered, (digest, mine, None if setup_error is None else str(setup_error)))
+    if setup_error is not None:
+        raise setup_error
+    if gathered[0][2] is not None:
+        raise InvalidConfigError(f"rank 0 cannot start the run: {gathered[0][2]}")
+    differing = {}
+    for other, (other_digest, values, _) in enumerate(gathered):
+        if other_digest != gathered[0][0]:
+            for name, (a, b) in config_differences(gathered[0][1], values).items():
+                differing.setdefault(name, []).append(f"rank {other}: {b!r}")
+    if differing:
+        listed = "; ".join(f"{name} (rank 0: {gathered[0][1].get(name)!r}, {', '.join(v)})" for name, v in differing.items())
+        raise ReplicaDivergenceError(
+            f"the ranks were started with different configs (world size {proc.world}): {listed}; "
+            "give every rank the same settings"
+        )
+
+
 # ------------------------------------------------------------------------------------- the run
+class RankTimeout(SriglError, RuntimeError):
+    """A distributed run stopped because a rank did not answer within ``dist_timeout`` seconds."""
+
+
 class TrainingInterrupted(SriglError):
-    """Training was interrupted; a checkpoint to resume from was written (its path is in the message)."""
+    """Training was stopped by a signal; a checkpoint to resume from was written (its path is in the message).
+
+    Attributes:
+        signal_number: the signal (``signal.SIGINT`` or ``signal.SIGTERM``); the CLI exits with
+            ``128 + signal_number`` as shells do (130, 143).
+    """
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -172,26 +243,71 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
     """Run one training run and write its folder (see the module docstring).
 
     Args:
         config: the run; resolved with :func:`resolve_config` first.
         resume: continue from ``<config.out>/checkpoints/last.pt``.
+        overwrite: a new run may replace the run that ``config.out`` holds (its files are deleted
+            first); without it such a folder is refused.
         log: where progress lines go (rank 0 only).
 
     Returns:
         The run's summary (what ``summary.json`` holds); None on ranks other than 0.
 
     Raises:
-        InvalidConfigError: see :func:`resolve_config`.
-        TrainingInterrupted: on Ctrl-C, after writing a checkpoint to resume from.
+        InvalidConfigError: see :func:`resolve_config`; also ``config.out`` holds a run (and neither
+            ``resume`` nor ``overwrite`` is set), is a file, cannot be written, is used by another
+            ``srigl train``, or (``resume``) the checkpoint was trained with another config.
+        ReplicaDivergenceError: distributed ranks with different configs or masks.
+        RankTimeout: a distributed rank did not answer within ``config.dist_timeout`` seconds.
+        TrainingInterrupted: on SIGINT or SIGTERM, after writing a checkpoint to resume from.
     """
+    cfg = resolve_config(config)
+    proc = init_process(cfg.device, cfg.dist_timeout)
+    with ExitStack() as cleanup:
+        stop = cleanup.enter_context(StopSignals())
+        setup_error = None
+        if proc.main:
+            try:
+                cleanup.callback(claim_run_dir(cfg.out, resume=resume, overwrite=overwrite).release)
+            except InvalidConfigError as error:
+                setup_error = error
+        _check_ranks_agree(cfg, proc, setup_error)
+        try:
+            return _run(cfg, proc, resume, stop, log)
+        except RuntimeError as error:
+            # gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog reports "timeout".
+            if proc.world == 1 or isinstance(error, SriglError) or "timed out" not in str(error).lower():
+                raise
+            raise RankTimeout(
+                f"rank {proc.rank}: another rank did not answer within {cfg.dist_timeout:g} s (--dist-timeout); "
+                f"it is frozen, dead or far slower ({str(error).splitlines()[0]})"
+            ) from error
+
+
+def _stop_requested(stop: StopSignals, proc: Process) -> bool:
+    # Every rank must stop after the same step (a rank that went on would wait for the others in
+    # DDP's all-reduce), so in a distributed run the ranks agree: one small all-reduce per step.
+    if proc.world == 1:
+        return stop.received is not None
+    from srigl.distributed import any_rank
+
+    return any_rank(stop.received is not None)
+
+
+def _check_masks(sparsifier, proc: Process, when: str) -> None:
+    if sparsifier is not None and proc.world > 1:
+        from srigl.distributed import check_replicas_in_sync
+
+        check_replicas_in_sync(sparsifier.masks(), f"masks ({when})")
+
+
+def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -> dict[str, Any]:
     from srigl.app import datasets
     from srigl.app.models import create_model
 
-    cfg = resolve_config(config)
-    proc = init_process(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
@@ -213,8 +329,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
     optimizer = build_optimizer(cfg, base)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     # The sparsifier comes before DDP: the compact engine swaps modules and parameters, and DDP must
-    # capture the final ones. Every rank draws the same masks (same seed), so replicas stay equal.
+    # capture the final ones. Every rank draws the same masks (same seed), so replicas stay equal;
+    # checked before DDP, whose start-up broadcast would silently impose rank 0's mask buffers.
     sparsifier = build_sparsifier(cfg, base, optimizer, total_steps)  # rescales to sparse fan-in (sparse_init)
+    _check_masks(sparsifier, proc, "at start")
     model = base
     if proc.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -230,12 +348,18 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
     start_epoch, start_batch, step = 0, 0, 0
     carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
     from srigl.io import checkpoint
+    from srigl.io.atomic import atomic_write
 
     if resume:
         latest = checkpoint.latest_checkpoint(run_dir)
         if latest is None:
             raise InvalidConfigError(f"nothing to resume: no checkpoint in {ckpt_dir}")
         state = checkpoint.load_checkpoint(latest, map_location=proc.device)
+        saved = state.get("extra", {}).get("config") or {}
+        differences = config_differences(saved, cfg.to_dict())
+        if differences:
+            listed = "; ".join(f"{k}: checkpoint {a!r}, given {b!r}" for k, (a, b) in differences.items())
+            raise InvalidConfigError(f"cannot resume {latest} with another config: {listed}")
         extra = checkpoint.restore_training_state(state, model, optimizer, sparsifier, scheduler)
         start_epoch, start_batch, step = int(extra["epoch"]), int(extra["batch"]), int(extra["step"])
         carry = {k: float(v) for k, v in extra.get("partial", carry).items()}
@@ -243,10 +367,11 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
             say(f"{run_dir} already finished all {cfg.epochs} epochs ({latest}); rewriting its summary")
         else:
             say(f"resuming {run_dir} from {latest}: epoch {start_epoch + 1}/{cfg.epochs}, batch {start_batch}, step {step}")
-    elif proc.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     if proc.main:
-        (run_dir / "config.toml").write_text(dumps_toml(cfg.to_dict()))
+        text = dumps_toml(cfg.to_dict())
+        toml = run_dir / "config.toml"
+        if not toml.exists() or toml.read_bytes() != text.encode():
+            atomic_write(toml, lambda file: file.write(text.encode()))
     metrics = MetricsLog(run_dir, keep_epochs=start_epoch if resume else 0) if proc.main else None
 
     def save(epoch: int, batch: int, partial: Mapping[str, float]) -> Path | None:
@@ -260,6 +385,17 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_checkpoint(path, state)
         return path
+
+    def interrupted(where: str, path: Path | None) -> TrainingInterrupted:
+        if metrics is not None:
+            metrics.close()
+        signum = stop.received if stop.received is not None else signal.SIGINT  # another rank's signal
+        return TrainingInterrupted(
+            f"interrupted by {signal.Signals(signum).name} {where}, step {step}; "
+            + (f"checkpoint {path}" if path else "rank 0 writes the checkpoint")
+            + f"; continue with `srigl train --resume {run_dir}`",
+            signum,
+        )
 
     show = cfg.progress and proc.main and sys.stderr.isatty()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -282,39 +418,40 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
         loss_sum = torch.zeros((), dtype=torch.float64, device=proc.device)
         correct = torch.zeros((), dtype=torch.long, device=proc.device)
         seen, grown, batch_index = 0, 0, skip
-        try:
-            for images, labels in bar:
-                images, labels = images.to(proc.device), labels.to(proc.device)
-                logits = model(images)
-                loss = criterion(logits, labels)
-                loss.backward()
-                optimizer.step()
-                stats = sparsifier.step() if sparsifier is not None else None
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_index += 1
-                loss_sum += loss.detach().double() * len(labels)
-                correct += (logits.detach().argmax(dim=1) == labels).sum()
-                seen += len(labels)
-                if stats and "layers" in stats:
-                    grown += sum(layer["grown"] for layer in stats["layers"].values())
-                if show and batch_index % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
-        except KeyboardInterrupt:
+        cut = False
+        for images, labels in bar:
+            # A signal is acted on here only, between two whole steps (optimizer, sparsifier and
+            # scheduler steps and the counters all done): the checkpoint is then exactly a state
+            # the uninterrupted run passes through. The batch just fetched is fetched again on resume.
+            if _stop_requested(stop, proc):
+                cut = True
+                break
+            images, labels = images.to(proc.device), labels.to(proc.device)
+            logits = model(images)
+            loss = criterion(logits, labels)
+            loss.backward()
+            optimizer.step()
+            stats = sparsifier.step() if sparsifier is not None else None
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_index += 1
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            seen += len(labels)
+            if stats is not None:
+                _check_masks(sparsifier, proc, f"after the update at step {step}")
+            if stats and "layers" in stats:
+                grown += sum(layer["grown"] for layer in stats["layers"].values())
+            if show and batch_index % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        if cut:
             partial = {
                 "loss_sum": carry["loss_sum"] + float(loss_sum), "correct": carry["correct"] + int(correct),
                 "seen": carry["seen"] + seen, "grown": carry["grown"] + grown,
                 "seconds": carry["seconds"] + time.perf_counter() - started,
             }
-            path = save(epoch, batch_index, partial)
-            if metrics is not None:
-                metrics.close()
-            raise TrainingInterrupted(
-                f"interrupted at epoch {epoch + 1}, batch {batch_index}, step {step}; "
-                + (f"checkpoint {path}" if path else "rank 0 writes the checkpoint")
-                + f"; continue with `srigl train --resume {run_dir}`"
-            ) from None
+            raise interrupted(f"at epoch {epoch + 1}, batch {batch_index}", save(epoch, batch_index, partial))
         totals = _all_sum([carry["loss_sum"] + float(loss_sum), carry["correct"] + int(correct), carry["seen"] + seen], proc)
         train_loss, train_acc = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
         if proc.main:
@@ -348,7 +485,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict[str, 
                 epoch_bar.write(message)
             else:
                 say(message)
-        save(epoch + 1, 0, {k: 0.0 for k in carry})
+        path = save(epoch + 1, 0, {k: 0.0 for k in carry})
+        if epoch + 1 < cfg.epochs and _stop_requested(stop, proc):
+            # A signal during the last step, the evaluation or the save: the epoch's checkpoint is the one.
+            raise interrupted(f"after epoch {epoch + 1}", path)
 
     summary = None
     if proc.main:
@@ -401,7 +541,10 @@ def _finish(cfg, model, sparsifier, input_shape, metrics, run_dir, total_steps, 
         "layers": layers,
     }
     if proc.main:
-        (run_dir / "summary.json").write_text(dumps_json(summary) + "\n")
+        from srigl.io.atomic import atomic_write
+
+        text = dumps_json(summary) + "\n"
+        atomic_write(run_dir / "summary.json", lambda file: file.write(text.encode()))
         if cfg.plot and rows:
             plot_curves(rows, run_dir / "curves.png", f"{summary['label']} {cfg.model} {cfg.data} s={cfg.sparsity:g}")
     return summary

@@ -20,7 +20,9 @@ Three promises:
   hidden temporary file next to the target, fsyncs it, renames it onto the target (``os.replace`` is
   atomic on POSIX and Windows) and fsyncs the directory. A crash or ``kill -9`` at any moment leaves either the old or the new checkpoint under
   the target name, never a partial one. A killed save may leave its hidden ``.<name>.<pid>.<rand>.tmp``
-  file behind; nothing here ever loads such a file.
+  file behind; nothing here ever loads such a file, and the next save of the same target deletes it
+  (:func:`srigl.io.atomic.remove_stale_temporaries`). A save that fails (a full disk) raises
+  :class:`CheckpointError` naming the path, the free space and about how much the checkpoint needs.
 * **Refuse before touching.** :func:`restore_training_state` checks the model fingerprint, the
   sparsifier configuration, the optimizer and the scheduler against the live objects, and rehearses
   every RNG state on a throwaway generator, first and only then loads anything, so a refused
@@ -300,13 +302,45 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
 
     Raises:
         CheckpointError: ``state`` is not a srigl training state or holds an object a weights-only
-            load could not read back (nothing is written then).
+            load could not read back (nothing is written then); or the file system refused the
+            write (full, read-only): the message names the path and the free space, and the
+            previous checkpoint at ``path`` is intact.
     """
     path = Path(path)
     _check_format(state, str(path), what="state to save")
     state = _plain(state, "state", copy=False)  # refuse unreadable objects before any byte is written
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda file: torch.save(state, file))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda file: torch.save(state, file))
+    except (OSError, RuntimeError) as error:
+        # A full disk surfaces as ENOSPC, or from torch's zip writer as "unexpected pos ...".
+        raise CheckpointError(_save_failure(path, state, error)) from error
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _save_failure(path: Path, state: Any, error: BaseException) -> str:
+    import shutil
+
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        space = f"{free} bytes ({free / 2**20:.1f} MiB) free there"
+    except OSError:
+        space = "free space unknown"
+    needed = _tensor_bytes(state)
+    return (
+        f"cannot write checkpoint {path}: {reason}; {space}, and the new checkpoint needs about {needed} "
+        f"bytes ({needed / 2**20:.1f} MiB) beside the previous one, which is intact"
+    )
 
 
 def _check_format(state: Any, where: str, what: str = "checkpoint") -> None:
