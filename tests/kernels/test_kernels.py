@@ -525,6 +525,32 @@ def test_triton_kernels_under_interpreter(tmp_path):
     subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300)
 
 
+def test_triton_kernels_never_touch_memory_outside_x_whatever_the_indices(tmp_path):
+    """Indices changed behind the validation cache (``.data``, numpy): out-of-range entries add 0 and
+    receive no gradient, instead of reading or writing outside x (the interpreter would fault)."""
+    pytest.importorskip("triton", reason="triton not installed")
+    script = tmp_path / "oob.py"
+    script.write_text(
+        "import torch\n"
+        "from srigl.kernels import triton_kernels as tk, reference\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(5, 16)\n"
+        "v = torch.randn(4, 3)\n"
+        "idx = torch.tensor([[0, 1, 2], [3, 30000, 5], [-7, 8, 9], [10, 11, 12]], dtype=torch.int16)\n"
+        "ok = (idx >= 0) & (idx < 16)\n"
+        "w = reference.fanin_to_dense(v * ok, idx.clamp(0, 15), 16)  # out-of-range entries: weight 0\n"
+        "torch.testing.assert_close(tk.forward(x, v, idx, None), x @ w.T)\n"
+        "gy = torch.randn(5, 4)\n"
+        "gx, gv = tk.backward(gy, x, v, idx, True, True)\n"
+        "torch.testing.assert_close(gx, gy @ w)\n"
+        "assert torch.equal(gv[~ok], torch.zeros(int((~ok).sum())))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def _cuda_triton_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -49,7 +49,7 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(
         x_ptr, values_ptr, indices_ptr, bias_ptr, y_ptr,
-        batch, out_features, k,
+        batch, out_features, k, in_features,
         stride_x, stride_y,
         HAS_BIAS: tl.constexpr,
         ACC_DTYPE: tl.constexpr,
@@ -70,7 +70,10 @@ if triton is not None:
             mask_ok = mask_o[:, None] & (offs_k[None, :] < k)  # (BLOCK_O, BLOCK_K)
             idx = tl.load(indices_ptr + row_starts + offs_k[None, :], mask=mask_ok, other=0).to(tl.int64)
             w = tl.load(values_ptr + row_starts + offs_k[None, :], mask=mask_ok, other=0).to(ACC_DTYPE)
-            mask = mask_b[:, None, None] & mask_ok[None, :, :]  # (BLOCK_B, BLOCK_O, BLOCK_K)
+            # Never read outside x, whatever was written into indices behind the validation cache
+            # (through .data or a numpy view): an out-of-range entry contributes 0 instead.
+            in_range = mask_ok & (idx >= 0) & (idx < in_features)  # (BLOCK_O, BLOCK_K)
+            mask = mask_b[:, None, None] & in_range[None, :, :]  # (BLOCK_B, BLOCK_O, BLOCK_K)
             gathered = tl.load(x_rows + idx[None, :, :], mask=mask, other=0).to(ACC_DTYPE)
             acc += tl.sum(gathered * w[None, :, :], axis=2)  # (BLOCK_B, BLOCK_O)
         if HAS_BIAS:
@@ -81,7 +84,7 @@ if triton is not None:
     @triton.jit
     def _grad_values_kernel(
         grad_y_ptr, x_ptr, indices_ptr, grad_values_ptr,
-        batch, out_features, k,
+        batch, out_features, k, in_features,
         stride_g, stride_x,
         ACC_DTYPE: tl.constexpr,
         ATOMIC: tl.constexpr,
@@ -97,6 +100,7 @@ if triton is not None:
         mask_ok = mask_o[:, None] & (offs_k[None, :] < k)  # (BLOCK_O, BLOCK_K)
         entry = offs_o.to(tl.int64)[:, None] * k + offs_k[None, :]  # (BLOCK_O, BLOCK_K)
         idx = tl.load(indices_ptr + entry, mask=mask_ok, other=0).to(tl.int64)
+        in_range = mask_ok & (idx >= 0) & (idx < in_features)  # (BLOCK_O, BLOCK_K): see _forward_kernel
         acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=ACC_DTYPE)
         for b0 in range(split * BLOCK_B, batch, splits * BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
@@ -108,7 +112,7 @@ if triton is not None:
             ).to(ACC_DTYPE)  # (BLOCK_B, BLOCK_O)
             gathered = tl.load(
                 x_ptr + offs_b.to(tl.int64)[:, None, None] * stride_x + idx[None, :, :],
-                mask=mask_b[:, None, None] & mask_ok[None, :, :],
+                mask=mask_b[:, None, None] & in_range[None, :, :],
                 other=0,
             ).to(ACC_DTYPE)  # (BLOCK_B, BLOCK_O, BLOCK_K)
             acc += tl.sum(gathered * g[:, :, None], axis=0)  # (BLOCK_O, BLOCK_K)
@@ -120,7 +124,7 @@ if triton is not None:
     @triton.jit
     def _grad_x_kernel(
         grad_y_ptr, values_ptr, indices_ptr, grad_x_ptr,
-        batch, out_features, k,
+        batch, out_features, k, in_features,
         stride_g, stride_gx,
         ACC_DTYPE: tl.constexpr,
         BLOCK_B: tl.constexpr,
@@ -144,10 +148,11 @@ if triton is not None:
             idx = tl.load(indices_ptr + row_starts + offs_k[None, :], mask=mask_ok, other=0).to(tl.int64)
             w = tl.load(values_ptr + row_starts + offs_k[None, :], mask=mask_ok, other=0).to(ACC_DTYPE)
             contribution = g[:, :, None] * w[None, :, :]  # (BLOCK_B, BLOCK_O, BLOCK_K)
+            in_range = mask_ok & (idx >= 0) & (idx < in_features)  # never write outside grad_x
             tl.atomic_add(
                 gx_rows + idx[None, :, :],
                 contribution,
-                mask=mask_b[:, None, None] & mask_ok[None, :, :],
+                mask=mask_b[:, None, None] & in_range[None, :, :],
                 sem="relaxed",
             )
 
@@ -168,7 +173,7 @@ def forward(
     x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``y = x @ W.T + bias`` for contiguous (batch, in) x; returns (batch, out)."""
-    batch, _ = x.shape
+    batch, in_features = x.shape
     out_features, k = values.shape
     y = x.new_empty(batch, out_features)
     if batch == 0 or out_features == 0:
@@ -177,7 +182,7 @@ def forward(
     grid = (triton.cdiv(batch, block_b), triton.cdiv(out_features, block_o))
     _forward_kernel[grid](
         x, values, indices, bias if bias is not None else values, y,
-        batch, out_features, k,
+        batch, out_features, k, in_features,
         x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None,
         ACC_DTYPE=_acc_dtype(x.dtype),
@@ -209,7 +214,7 @@ def backward(
             grid = (triton.cdiv(batch, block_b), triton.cdiv(out_features, block_o))
             _grad_x_kernel[grid](
                 grad_y, values, indices, grad_x_acc,
-                batch, out_features, k,
+                batch, out_features, k, in_features,
                 grad_y.stride(0), grad_x_acc.stride(0),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 BLOCK_B=block_b,
@@ -230,7 +235,7 @@ def backward(
             grid = (triton.cdiv(out_features, block_o), triton.cdiv(k, block_k), splits)
             _grad_values_kernel[grid](
                 grad_y, x, indices, grad_values_acc,
-                batch, out_features, k,
+                batch, out_features, k, in_features,
                 grad_y.stride(0), x.stride(0),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 ATOMIC=splits > 1,
