@@ -70,3 +70,37 @@ def test_out_of_range_indices_are_refused_before_export(tmp_path, bad):
     with pytest.raises(IndexOutOfRangeError, match=rf"^0: indices must lie in \[0, 20\).*indices\[1, 0\] = {bad}"):
         export_onnx(condensed, torch.randn(2, 20), tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_batch_one_example_exports_a_condensed_resnet_with_a_dynamic_batch(tmp_path):
+    # A batch-1 example used to fail in torch.export ("Invalid ranges [2:1]") for this network.
+    from srigl.app.models import create_model
+
+    torch.manual_seed(0)
+    model = sparsify(create_model("resnet18", in_channels=3, image_size=16, num_classes=4, width=0.125)).eval()
+    condensed = condense(model)
+    _assert_onnx_matches(model, condensed, (1, 3, 16, 16), tmp_path / "resnet1.onnx")  # runs batches 1 and 5
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(12, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x, y):
+        return self.head(torch.relu(self.a(x) + self.b(y)))
+
+
+def test_a_model_with_two_inputs_exports_and_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = sparsify(_TwoInputs()).eval()
+    condensed = condense(model)
+    assert isinstance(condensed.a, CondensedLinear) and isinstance(condensed.b, CondensedLinear)
+    path = export_onnx(condensed, (torch.randn(1, 12), torch.randn(1, 6)), tmp_path / "two.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1"]
+    for batch in (1, 4):
+        x, y = torch.randn(batch, 12), torch.randn(batch, 6)
+        got = torch.from_numpy(session.run(None, {"input_0": x.numpy(), "input_1": y.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x, y), rtol=1e-5, atol=1e-5)

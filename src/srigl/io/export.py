@@ -31,7 +31,7 @@ __all__ = ["export_onnx"]
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | os.PathLike,
     *,
     dynamic_batch: bool = True,
@@ -41,9 +41,11 @@ def export_onnx(
 
     Args:
         model: a model, typically the output of :func:`srigl.condense`.
-        example_input: one input tensor; its first dimension is the batch.
+        example_input: one input tensor, or a tuple of them for a model with several inputs; the
+            first dimension of each is the batch (any size, 1 included).
         path: destination ``.onnx`` file (weights embedded, no external data file).
-        dynamic_batch: let the batch dimension vary at run time (input name ``"input"``).
+        dynamic_batch: let the batch dimension vary at run time. Inputs are named ``"input"``
+            (one) or ``"input_0"``, ``"input_1"``, ... (several).
         opset_version: ONNX opset; torch's default when None.
 
     Returns:
@@ -62,15 +64,24 @@ def export_onnx(
             except SriglError as error:
                 raise type(error)(f"{name or 'the root'}: {error}") from None
     path = Path(path)
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in inputs):
+        raise TypeError(f"example_input must be a tensor or a tuple of tensors with a batch dimension, got {example_input!r:.80}")
+    if dynamic_batch and any(x.shape[0] == 1 for x in inputs):
+        # torch.export specialises a dimension of size 1 ("Invalid ranges [2:1]" for a dynamic
+        # batch): trace with the example repeated to batch 2; the graph is the same for any batch.
+        inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else x for x in inputs)
+    names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
     was_training = model.training
     model.eval()
     try:
-        dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
         program = torch.onnx.export(
             model,
-            (example_input,),
+            inputs,
             dynamo=True,
-            input_names=["input"],
+            input_names=names,
             output_names=["output"],
             dynamic_shapes=dynamic_shapes,
             opset_version=opset_version,
