@@ -31,6 +31,9 @@ from srigl.integrations._build import build_sparsifier, check_method
 from srigl.io.atomic import atomic_write
 from srigl.sparsifier import Sparsifier
 
+if not hasattr(TrainerCallback, "on_optimizer_step"):  # without it the callback would never step
+    raise ImportError("srigl.integrations.huggingface needs transformers>=4.42 (TrainerCallback.on_optimizer_step)")
+
 #: The sparsifier state's file name inside each ``checkpoint-N/`` folder.
 SPARSIFIER_FILE = "srigl_sparsifier.pt"
 
