@@ -3,7 +3,10 @@ built from configs, in-memory data, CPU; nothing is downloaded)."""
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +152,22 @@ def test_gpt2_conv1d_is_not_sparsified_along_the_wrong_axis(tmp_path):
     reasons = {c.name: c.reason for c in summary}
     for name in conv1d:
         assert reasons[name] == "type Conv1D not in sparse types", (name, reasons[name])
+
+
+def readme_example(which: int) -> str:
+    """The ``which``-th python block of the README's "Hugging Face and Lightning" section."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Hugging Face and Lightning"):]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[which]
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it writes to "out"
+    namespace = {"model": tiny_bert(), "data": dataset()}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(readme_example(0), "README.md", "exec"), namespace)
+    sp = namespace["callback"].sparsifier
+    assert sp.step_count == namespace["trainer"].state.global_step > 0
+    assert "bert.encoder.layer.0.attention.self.query.weight" in printed.getvalue()  # the summary table
+    assert list((tmp_path / "out").glob(f"checkpoint-*/{SPARSIFIER_FILE}"))

@@ -3,6 +3,11 @@ LightningModule, in-memory data, CPU)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+from pathlib import Path
+
 import lightning
 import pytest
 import torch
@@ -127,3 +132,28 @@ def test_several_optimizers_are_refused_with_the_way_out():
     with pytest.raises(srigl.InvalidConfigError, match="got a list of 2: build one sparsifier per optimizer"):
         # Several optimizers need manual optimization, which Lightning runs without gradient accumulation.
         trainer_for([callback()], max_epochs=1, accumulate_grad_batches=1).fit(TinyModule(optimizers=2), loader())
+
+
+def test_an_unknown_method_is_refused_when_the_callback_is_made():
+    with pytest.raises(srigl.InvalidConfigError, match="unknown algorithm 'rigl2'"):
+        SparsityCallback("rigl2")
+
+
+def readme_example(which: int) -> str:
+    """The ``which``-th python block of the README's "Hugging Face and Lightning" section."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Hugging Face and Lightning"):]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[which]
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default logger and checkpoints write under the working directory
+    namespace = {"module": TinyModule(), "loader": loader()}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(readme_example(1), "README.md", "exec"), namespace)
+    sp = namespace["callback"].sparsifier
+    assert sp.step_count == namespace["trainer"].global_step == 20  # 10 epochs of 8 batches, 4 accumulated
+    assert "net.0.weight" in printed.getvalue()  # the summary table
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=False)[CHECKPOINT_KEY]["step"] == 20
