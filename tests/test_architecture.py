@@ -110,11 +110,11 @@ def test_the_core_imports_only_the_standard_library_torch_and_itself():
         assert not outside, f"core module {name} imports {sorted(outside)} at module level"
 
 
-def test_import_srigl_loads_no_extra_and_no_app():
+def test_import_srigl_loads_no_extra_no_app_and_no_integration():
     code = (
         "import sys, srigl; "
         "bad = sorted(m for m in sys.modules if m.startswith(('srigl.app', 'srigl.condensed', 'srigl.kernels', "
-        "'srigl.io', 'srigl.storage.compact'))); print(bad)"
+        "'srigl.io', 'srigl.storage.compact', 'srigl.integrations'))); print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out

@@ -189,6 +189,12 @@ def _second_sparsifier():
     srigl.SRigL(model, opt, sparsity=0.8, total_steps=100)
 
 
+def _several_optimizers():
+    model, _ = mlp()
+    optimizers = [torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)]
+    srigl.SRigL(model, optimizers, sparsity=0.5, total_steps=100)
+
+
 def _pickled_sparsifier():
     import pickle
 
@@ -491,6 +497,8 @@ CASES = [
          _two_optimizer_steps, StepOrderError, r"2 optimizer steps since the last sparsifier.step\(\) \(at step 0\)"),
     Case("a second sparsifier on the same model", "refused (it would replace the first one's masks)",
          _second_sparsifier, InvalidConfigError, r"0.weight is already sparsified by another SRigL \(step 0\)"),
+    Case("a list of optimizers", "refused; says to build one sparsifier per optimizer", _several_optimizers,
+         InvalidConfigError, r"a sparsifier takes one optimizer, got a list of 2: build one sparsifier per optimizer"),
     Case("`pickle.dumps(sparsifier)`", "refused; says to save `state_dict()`", _pickled_sparsifier, TypeError,
          r"a SRigL cannot be pickled .* save sparsifier.state_dict\(\)"),
     Case("dense weights loaded with `model.load_state_dict` under a sparsifier", "refused (the masks cannot be re-derived)",

@@ -10,7 +10,7 @@ from torch import nn
 
 import srigl
 from srigl.io.checkpoint import restore_training_state, training_state
-from srigl.masks import masks_of, unwrap
+from srigl.masks import masks_of, unwrap, unwrap_optimizer
 from srigl.structures import NM, ConstantFanIn, Unstructured
 
 
@@ -85,6 +85,78 @@ def test_wrappers_are_unwrapped_and_names_stay_the_users():
     assert set(sp.masks()) == {"0.weight", "2.weight"} == set(masks_of(compiled))
     assert sp.model is model
 
+
+
+class _DelegatingOptimizer(torch.optim.Optimizer):
+    """What accelerate's AcceleratedOptimizer is: an Optimizer subclass that never ran
+    ``Optimizer.__init__`` (so it takes no step hook) and shows its inner optimizer's param groups."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+
+def test_optimizer_wrappers_are_unwrapped_and_the_inner_step_is_hooked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = _DelegatingOptimizer(_DelegatingOptimizer(inner))
+    assert unwrap_optimizer(wrapped) is inner and unwrap_optimizer(inner) is inner
+    with pytest.raises(AttributeError, match="_optimizer_step_post_hooks"):
+        wrapped.register_step_post_hook(lambda *a: None)  # why the sparsifier must hook the inner one
+    sp = srigl.SRigL(model, wrapped, sparsity=0.5, total_steps=8, delta=2)
+    assert sp.optimizer is inner
+    for _ in range(4):
+        model(torch.randn(8, 16)).sum().backward()
+        wrapped.step()
+        sp.step()
+        wrapped.zero_grad()
+    assert sp.step_count == 4 and sp.last_update["step"] == 4
+    for name, mask in sp.masks().items():
+        assert not model.get_parameter(name)[~mask].any(), name
+    # A scheduler also has an ``optimizer`` but is no optimizer; an optimizer with its own groups is no wrapper.
+    scheduler = torch.optim.lr_scheduler.StepLR(inner, 1)
+    assert unwrap_optimizer(scheduler) is scheduler
+    lookalike = torch.optim.SGD(model.parameters(), lr=0.1)
+    lookalike.optimizer = inner
+    assert unwrap_optimizer(lookalike) is lookalike
+
+
+def test_a_list_of_optimizers_is_refused_and_one_sparsifier_per_optimizer_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    with pytest.raises(srigl.InvalidConfigError, match="one sparsifier per optimizer"):
+        srigl.SRigL(model, [first, second], sparsity=0.5, total_steps=8)
+    sps = [
+        srigl.SRigL(model, opt, sparsity=0.5, total_steps=8, delta=2, policy=srigl.SparsityPolicy(include=(name,)))
+        for opt, name in ((first, "0.weight"), (second, "2.weight"))
+    ]
+    for _ in range(4):
+        model(torch.randn(8, 16)).sum().backward()
+        for opt, sp in zip((first, second), sps):
+            opt.step()
+            sp.step()
+            opt.zero_grad()
+    assert [set(sp.masks()) for sp in sps] == [{"0.weight"}, {"2.weight"}]
+    assert all(sp.step_count == 4 for sp in sps)
+    for sp in sps:
+        for name, mask in sp.masks().items():
+            assert not model.get_parameter(name)[~mask].any(), name
 
 @pytest.mark.parametrize(
     "structure, shape, min_density, fixed, k_after",

@@ -1,4 +1,4 @@
-"""Where masks live, and the model a wrapper hides: the one owner of both conventions.
+"""Where masks live, and the model or optimizer a wrapper hides: the one owner of these conventions.
 
 A masked-dense sparse parameter keeps its mask on the module that owns it, as a non-persistent bool
 buffer named ``<param>_mask`` (``fc.weight`` -> ``fc.weight_mask``). It follows ``.to(device)``,
@@ -7,7 +7,9 @@ usual keys (the sparsifier's ``state_dict`` holds the masks).
 
 Wrappers (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``'s ``OptimizedModule``)
 rename parameters (``module.fc.weight``, ``_orig_mod.fc.weight``); srigl always names tensors by the
-user's own module, :func:`unwrap`.
+user's own module, :func:`unwrap`. Training frameworks wrap the optimizer too (accelerate's
+``AcceleratedOptimizer`` under the Hugging Face Trainer, Lightning's ``LightningOptimizer``); the
+sparsifier hooks the torch optimizer inside, :func:`unwrap_optimizer`.
 """
 
 from __future__ import annotations
@@ -59,3 +61,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside delegating wrappers (accelerate, Lightning), however nested.
+
+    A wrapper is recognised by what it does, not by its type (srigl imports neither framework): its
+    ``optimizer`` attribute is another torch optimizer whose very ``param_groups`` it shows. Its
+    ``step`` calls the inner optimizer's, so a step hook must sit on the inner one (accelerate's
+    wrapper, a ``torch.optim.Optimizer`` subclass that never ran ``Optimizer.__init__``, cannot even
+    take one).
+    """
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        if (
+            not isinstance(inner, torch.optim.Optimizer)
+            or inner is optimizer
+            or getattr(optimizer, "param_groups", None) is not inner.param_groups
+        ):
+            return optimizer
+        optimizer = inner

@@ -47,7 +47,9 @@ class Sparsifier:
     Args:
         model: any ``nn.Module`` (DDP and ``torch.compile`` wrappers are unwrapped: names are the
             user module's).
-        optimizer: the optimizer stepping ``model``'s parameters.
+        optimizer: the one optimizer stepping ``model``'s parameters (wrappers such as accelerate's
+            ``AcceleratedOptimizer`` or Lightning's ``LightningOptimizer`` are unwrapped; a list is
+            refused: one sparsifier per optimizer).
         sparsity: global target in [0, 1), or a ``{param FQN: sparsity}`` map.
         total_steps: optimizer steps in the whole run (sets ``t_end`` = 0.75 of it).
         distribution: ``"erk"`` or ``"uniform"`` (ignored for an explicit map or N:M).
@@ -112,7 +114,7 @@ class Sparsifier:
         compact_types: tuple[type[nn.Module], ...] | None = None,
     ):
         self.model = masks.unwrap(model)
-        self.optimizer = optimizer
+        self.optimizer = self._check_optimizer(optimizer)
         self.structure = structure if structure is not None else self.default_structure
         self.storage = self._check_storage(compact, compact_types)
         self.policy = policy or SparsityPolicy()
@@ -154,7 +156,7 @@ class Sparsifier:
         self.skipped_steps = 0
         self.last_update: dict[str, Any] = {}
         self._set_collecting(self.needs_dense_grad and self.schedule.is_update_step(1))
-        self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._step_hook = self.optimizer.register_step_post_hook(self._after_optimizer_step)
         self._load_hooks = [
             layer.module.register_load_state_dict_post_hook(self._after_model_load)
             for layer in {id(layer.module): layer for layer in self.layers if isinstance(layer, MaskedParam)}.values()
@@ -162,6 +164,19 @@ class Sparsifier:
         guards.claim(self)
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+        """The torch optimizer to hook: wrappers unwrapped (:func:`srigl.masks.unwrap_optimizer`);
+        several optimizers refused (each counts its own steps, and a mask update resets the state of
+        the one that holds the tensor)."""
+        if isinstance(optimizer, (list, tuple)):
+            raise InvalidConfigError(
+                f"a sparsifier takes one optimizer, got a {type(optimizer).__name__} of {len(optimizer)}: build one "
+                "sparsifier per optimizer, over the parameters that optimizer holds "
+                "(policy=srigl.SparsityPolicy(include=(their names, ...)))"
+            )
+        return None if optimizer is None else masks.unwrap_optimizer(optimizer)
+
     def _check_storage(self, compact: bool, compact_types) -> str:
         """``"compact"`` or ``"masked"``; refused before anything is touched."""
         if not compact:

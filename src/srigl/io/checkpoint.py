@@ -52,7 +52,7 @@ from torch import nn
 
 from srigl.errors import CheckpointError, CheckpointMismatchError
 from srigl.io.atomic import atomic_write
-from srigl.masks import unwrap
+from srigl.masks import unwrap, unwrap_optimizer
 
 FORMAT = "srigl.checkpoint"
 FORMAT_VERSION = 1
@@ -510,7 +510,7 @@ def _check_sparsifier(state: Mapping[str, Any], sparsifier: Any, module: nn.Modu
         )
     if sparsifier.model is not module:
         raise CheckpointMismatchError("the sparsifier given is attached to another model than the one given")
-    if sparsifier.optimizer is not optimizer:
+    if sparsifier.optimizer is not unwrap_optimizer(optimizer):
         raise CheckpointMismatchError("the sparsifier given is attached to another optimizer than the one given")
     sparsifier.check_state_dict(saved, CheckpointMismatchError, what="checkpoint")
     _warn_schedule_change(sparsifier.config(), saved.get("config", {}))
