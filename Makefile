@@ -26,7 +26,8 @@ demo: $(STAMP) data
 	$(PY) -m srigl train --data fashion-mnist --data-dir $(DATA) --model mlp --method srigl \
 		--sparsity 0.9 --epochs 3 --seed 0 --out runs/demo --plot
 
-# The Fashion-MNIST reproduction study (96 runs; about 21 minutes on 2 idle cores, resumable).
+# The reproduction study: the Fashion-MNIST grid (102 runs, ~21 min on 2 idle cores) plus the ViT and
+# small-delta studies (24 runs, most of them vit-tiny at ~4 min each); resumable.
 reproduce: $(STAMP) data
 	$(PY) benchmarks/reproduce.py --data-dir $(DATA) --out results/reproduction
 
