@@ -305,3 +305,30 @@ def test_bench_is_gone_from_the_cli(capsys):
         main(["bench"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_version_and_kernels_build(capsys):
+    import srigl
+    from srigl.app.cli import main
+    from srigl.kernels import cpu
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"srigl {srigl.__version__}"
+    status = main(["kernels", "build"])
+    out, err = capsys.readouterr()
+    if cpu.available():
+        assert status == 0 and out.startswith("srigl C++ kernel ready (")
+    else:  # no compiler here: a named error with the build output, not a traceback
+        assert status == 1 and err.startswith("srigl kernels: error: srigl C++ kernel could not be built")
+
+
+def test_kernels_build_without_a_compiler_says_why(tmp_path):
+    import os
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
+    result = subprocess.run([sys.executable, "-m", "srigl", "kernels", "build"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "srigl kernels: error: srigl C++ kernel could not be built" in result.stderr
+    assert "Traceback" not in result.stderr

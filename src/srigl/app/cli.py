@@ -266,14 +266,45 @@ def _run_data(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _kernels_parser(sub) -> None:
+    p = sub.add_parser(
+        "kernels",
+        help="build the C++ fan-in kernel ahead of time",
+        description="Compile the C++ fan-in kernel now (it is otherwise built on the first use of a condensed "
+        "layer, once per CPU level); prints where it came from, or the compiler's output when it cannot be built.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("build", help="compile (or load from the cache) the C++ kernel")
+    p.set_defaults(handler=_run_kernels, subparser=p)
+
+
+def _run_kernels(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
+    import warnings
+
+    from srigl.kernels import cpu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failure is reported below, in full
+        try:
+            print(cpu.build())
+        except RuntimeError as error:
+            print(f"srigl kernels: error: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``srigl`` argument parser with its subcommands."""
+    from srigl import __version__
+
     parser = argparse.ArgumentParser(prog="srigl", description="Dynamic sparse training with structured sparsity.")
+    parser.add_argument("--version", action="version", version=f"srigl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _report_parser(sub)
     _condense_parser(sub)
     _data_parser(sub)
+    _kernels_parser(sub)
     return parser
 
 
