@@ -49,15 +49,16 @@ def mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank (a collective), so that all ranks take the same branch."""
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is true on any rank (one collective for all of them), so that all
+    ranks take the same branch."""
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
-        return flag
+        return tuple(bool(f) for f in flags)
     # gloo and NCCL both reduce float tensors; MAX of 0/1 is "any".
-    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    value = torch.tensor([float(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return tuple(bool(v) for v in value.tolist())
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _tensor_of(layer) -> torch.Tensor:
-    return layer.param if isinstance(layer, MaskedParam) else layer.module.values
-
-
 def check_unclaimed(sp: "Sparsifier", names: list[str]) -> None:
     """Refuse tensors that another live sparsifier masks (it would lose its masks silently)."""
     params = dict(sp.model.named_parameters())
@@ -41,14 +37,14 @@ def check_unclaimed(sp: "Sparsifier", names: list[str]) -> None:
 def claim(sp: "Sparsifier") -> None:
     """Record ``sp`` as the owner of its tensors."""
     for layer in sp.layers:
-        _OWNERS[_tensor_of(layer)] = sp
+        _OWNERS[layer.stepped] = sp
 
 
 def release(sp: "Sparsifier") -> None:
     """Forget ``sp`` as the owner of its tensors (after ``remove_hooks``)."""
     for layer in sp.layers:
-        if _OWNERS.get(_tensor_of(layer)) is sp:
-            del _OWNERS[_tensor_of(layer)]
+        if _OWNERS.get(layer.stepped) is sp:
+            del _OWNERS[layer.stepped]
 
 
 @torch.no_grad()

@@ -412,9 +412,10 @@ class Sparsifier:
             bad = [layer.name for layer in self.layers if not layer.grads_finite()]
             no_backward = not any(list(layer.held()) for layer in self.layers)
             # Every rank takes the same branch, or their masks would part.
-            if distributed.any_rank(bool(bad)):
+            any_bad, any_without_backward = distributed.any_rank(bool(bad), no_backward)
+            if any_bad:
                 return self._skip_update(bad)
-            if distributed.any_rank(no_backward):
+            if any_without_backward:
                 return self._skip_update([], reason="no backward pass since the last step")
         layers_stats = {}
         # One tensor at a time: at most one dense (out, fan_in) weight, mask and gradient live at

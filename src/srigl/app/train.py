@@ -294,7 +294,8 @@ def _stop_requested(stop: StopSignals, proc: Process) -> bool:
         return stop.received is not None
     from srigl.distributed import any_rank
 
-    return any_rank(stop.received is not None)
+    (stop_now,) = any_rank(stop.received is not None)
+    return stop_now
 
 
 def _check_masks(sparsifier, proc: Process, when: str) -> None:

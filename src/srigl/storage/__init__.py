@@ -37,6 +37,10 @@ class SparseParam(Protocol):
     state_key: str
 
     @property
+    def stepped(self) -> torch.Tensor:
+        """The Parameter the optimizer steps for this tensor (the dense weight, or compact values)."""
+
+    @property
     def n_rows(self) -> int: ...
 
     @property

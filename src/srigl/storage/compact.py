@@ -116,6 +116,10 @@ class CompactParam:
         self._handle = module.register_forward_hook(self._capture)
 
     @property
+    def stepped(self) -> nn.Parameter:
+        return self.module.values  # read afresh: an ablating update swaps in a new Parameter
+
+    @property
     def n_rows(self) -> int:
         return self.shape[0]
 

@@ -63,6 +63,10 @@ class MaskedParam:
         return getattr(self.module, self.param_name)
 
     @property
+    def stepped(self) -> nn.Parameter:
+        return self.param
+
+    @property
     def live_mask(self) -> torch.Tensor:
         """The mask buffer itself (not a copy)."""
         return masks.get_mask(self.module, self.param_name)
