@@ -70,7 +70,7 @@ def test_a_a_neuron_with_exactly_gamma_k_salient_weights_survives():
     salient[0, :55] = True  # exactly 0.55 * 100
     salient[1, :54] = True
     salient[2, :90] = True
-    assert ablation.surviving_neurons(salient, 100, 0.55, 1).tolist() == [True, False, True]
+    assert ablation.surviving_neurons(salient.sum(dim=1), 100, 0.55, 1).tolist() == [True, False, True]
 
 
 # ---------------------------------------------------------------- (b) k is the current fan-in
@@ -130,8 +130,8 @@ def test_e_too_few_survivors_lower_the_threshold_and_ties_all_survive():
     salient = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
     # k = 4, gamma_sal = 1: nobody has 4. The budget needs 2 neurons: the threshold drops to the
     # 2nd largest count (1), and both neurons holding 1 survive (not the lower index alone).
-    assert ablation.surviving_neurons(salient, 4, 1.0, 2).tolist() == [True, True, True, False]
-    assert ablation.surviving_neurons(salient, 4, 1.0, 1).tolist() == [True, False, False, False]
+    assert ablation.surviving_neurons(salient.sum(dim=1), 4, 1.0, 2).tolist() == [True, True, True, False]
+    assert ablation.surviving_neurons(salient.sum(dim=1), 4, 1.0, 1).tolist() == [True, False, False, False]
 
 
 @settings(max_examples=40, deadline=None)
@@ -141,9 +141,9 @@ def test_e_survivors_do_not_depend_on_neuron_order(rows, fan_in, gamma, data):
                                               min_size=rows, max_size=rows)))
     k = data.draw(st.integers(1, fan_in))
     min_neurons = data.draw(st.integers(1, rows))
-    alive = ablation.surviving_neurons(salient, k, gamma, min_neurons)
+    alive = ablation.surviving_neurons(salient.sum(dim=1), k, gamma, min_neurons)
     perm = torch.randperm(rows, generator=torch.Generator().manual_seed(rows * 31 + fan_in))
-    assert torch.equal(ablation.surviving_neurons(salient[perm], k, gamma, min_neurons), alive[perm])
+    assert torch.equal(ablation.surviving_neurons(salient[perm].sum(dim=1), k, gamma, min_neurons), alive[perm])
     assert int(alive.sum()) >= min_neurons
 
 

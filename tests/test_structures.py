@@ -232,3 +232,19 @@ def test_topk_mask_rejects_n_outside_the_unit(n, structure, unit):
 def test_topk_mask_rejects_non_2d_scores():
     with pytest.raises(ValueError, match=r"\(2, 2, 2\)"):
         topk_mask(torch.zeros(2, 2, 2), 1, Unstructured())
+
+
+def test_topk_mask_takes_ties_by_lowest_index_whatever_topk_picks():
+    # Golden: the n-th largest score is tied; the first tied entries (in index order) are taken, so a
+    # mask depends on the scores alone (not on the device, thread count or the tensor's block).
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    assert topk_mask(scores, 2, ConstantFanIn()).tolist() == [
+        [False, True, True, False, False], [True, True, False, False, False]]
+    assert topk_mask(scores, 6, Unstructured()).tolist() == [
+        [False, True, False, False, False], [True, True, True, True, True]]
+    inf = float("inf")
+    assert topk_mask(torch.tensor([[inf, 1.0, -inf, -inf]]), 3, ConstantFanIn()).tolist() == [[True, True, True, False]]
+    # Rows split into blocks select what the whole does.
+    ties = torch.randint(0, 3, (12, 9)).float()
+    whole = topk_mask(ties, 4, ConstantFanIn())
+    assert torch.equal(torch.cat([topk_mask(part, 4, ConstantFanIn()) for part in ties.split(5)]), whole)

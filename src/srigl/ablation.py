@@ -42,8 +42,8 @@ def min_salient(gamma_sal: float, k: int) -> int:
     return math.ceil(Fraction(repr(float(gamma_sal))) * k)
 
 
-def surviving_neurons(salient: torch.Tensor, k: int, gamma_sal: float, min_neurons: int) -> torch.Tensor:
-    """Neurons that stay active, shape ``(out,)`` bool.
+def surviving_neurons(counts: torch.Tensor, k: int, gamma_sal: float, min_neurons: int) -> torch.Tensor:
+    """Neurons that stay active, shape ``(out,)`` bool, from their salient weight ``counts`` ``(out,)``.
 
     A neuron survives when it has at least :func:`min_salient` ``(gamma_sal, k)`` salient weights.
     When fewer than ``min_neurons`` would survive (the layer budget needs them:
@@ -51,7 +51,6 @@ def surviving_neurons(salient: torch.Tensor, k: int, gamma_sal: float, min_neuro
     salient count of the ``min_neurons``-th most salient neuron, and every neuron reaching it
     survives: ties all survive, so the choice never depends on a neuron's index.
     """
-    counts = salient.sum(dim=1)  # (out,)
     need = min_salient(gamma_sal, k)
     if int((counts >= need).sum()) < min_neurons:
         need = int(torch.topk(counts, min_neurons).values[-1])  # the min_neurons-th largest count

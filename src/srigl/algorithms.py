@@ -104,14 +104,11 @@ class SRigL(RigL):
             raise InvalidConfigError(f"SRigL needs the ConstantFanIn structure, got {structure!r}")
         super().__init__(model, optimizer, sparsity, total_steps, **kwargs)
 
-    def surviving_rows(self, layer, mask, drop, grow, n_drop) -> torch.Tensor:
+    def surviving_rows(self, layer, salient_counts, k) -> torch.Tensor:
         if not layer.ablate or self.gamma_sal == 0.0:
-            return torch.ones(layer.n_rows, dtype=torch.bool, device=mask.device)
-        counts = mask.sum(dim=1)  # (out,)
-        k = int(counts.max())  # the current constant fan-in of active neurons
-        salient = ablation.salient_weights(mask, drop, grow, n_drop)
+            return torch.ones(layer.n_rows, dtype=torch.bool)
         return ablation.surviving_neurons(
-            salient, k, self.gamma_sal, ablation.min_neurons_for(layer.budget, layer.fan_in)
+            salient_counts(), k, self.gamma_sal, ablation.min_neurons_for(layer.budget, layer.fan_in)
         )
 
     def config(self) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import fnmatch
 import math
 import operator
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from srigl import distributed, guards, initial, masks, state
+from srigl import ablation, blockwise, distributed, guards, initial, masks, state
 from srigl.distributions import layer_sparsities
 from srigl.errors import (
     FanInTooSmallError,
@@ -421,6 +421,10 @@ class Sparsifier:
         # One tensor at a time: at most one dense (out, fan_in) weight, mask and gradient live at
         # once, whatever the storage.
         for layer in self.layers:
+            if layer.block_rows is not None:
+                # Compact: the same update from the condensed layout, a block of rows at a time.
+                layers_stats[layer.name] = self._update_in_blocks(layer, drop_fraction)
+                continue
             weight, old = layer.dense_view()  # (out, fan_in) each
             # Averaged over ranks so every rank picks the same masks (same layer order everywhere).
             grad = distributed.mean_(layer.dense_grad()) if self.needs_dense_grad else None
@@ -455,10 +459,17 @@ class Sparsifier:
         raise NotImplementedError
 
     def surviving_rows(
-        self, layer: SparseParam, mask: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor, n_drop: int
+        self, layer: SparseParam, salient_counts: Callable[[], torch.Tensor], k: int
     ) -> torch.Tensor:
-        """Output neurons that stay active this step, ``(out,)`` bool. Default: all of them."""
-        return torch.ones(layer.n_rows, dtype=torch.bool, device=mask.device)
+        """Output neurons that stay active this step, ``(out,)`` bool. Default: all of them.
+
+        Args:
+            layer: the tensor being updated.
+            salient_counts: returns salient weights per neuron ``(out,)`` (see :mod:`srigl.ablation`);
+                computed only if called (it costs a pass over the dense gradient).
+            k: the current constant fan-in of the active neurons.
+        """
+        return torch.ones(layer.n_rows, dtype=torch.bool)
 
     def _update_layer(
         self, layer: SparseParam, weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None, drop_fraction: float
@@ -472,7 +483,10 @@ class Sparsifier:
         drop = self.drop_scores(weight)
         grow = self.grow_scores(weight, grad)
 
-        alive = self.surviving_rows(layer, mask, drop, grow, n_drop)  # (out,)
+        counts = mask.sum(dim=1)  # (out,)
+        alive = self.surviving_rows(
+            layer, lambda: ablation.salient_weights(mask, drop, grow, n_drop).sum(dim=1), int(counts.max())
+        ).to(mask.device)  # (out,)
         per_unit = self.structure.per_unit_after(layer.budget, int(alive.sum()), layer.fan_in)
         alive_2d = alive[:, None]  # (out, 1)
 
@@ -491,6 +505,32 @@ class Sparsifier:
         new = topk_mask(lifted, per_unit, self.structure) & alive_2d
         self.structure.check_update(layer.name, new, alive, per_unit, layer.budget)
         return new
+
+    def _update_in_blocks(self, layer: SparseParam, drop_fraction: float) -> dict[str, int]:
+        """:meth:`_update_layer` for a tensor held as a condensed layout, without its dense
+        ``(out, fan_in)`` tensors: at most one block of ``layer.block_rows`` rows of gradient and
+        scores lives at a time (:mod:`srigl.blockwise`)."""
+        layout = layer.layout()
+        generator_state = self.generator.get_state()
+
+        def grow_block(r0: int, r1: int) -> torch.Tensor:
+            weight = layer.weight_rows(r0, r1)  # (r1 - r0, fan_in)
+            # Averaged over ranks block by block (same order everywhere), like the whole gradient.
+            grad = distributed.mean_(layer.grad_rows(r0, r1)) if self.needs_dense_grad else None
+            return self.grow_scores(weight, grad)
+
+        active_rows, indices, source, n_grown = blockwise.update(
+            values=layout.values, indices=layout.indices, active_rows=layout.active_rows,
+            n_rows=layer.n_rows, fan_in=layer.fan_in, budget=layer.budget, drop_fraction=drop_fraction,
+            drop_scores=self.drop_scores, grow_block=grow_block,
+            surviving_rows=lambda counts, k: self.surviving_rows(layer, counts, k),
+            # Every pass over the blocks draws the same random scores (SET), as one dense draw would.
+            restart=lambda: self.generator.set_state(generator_state),
+            block_rows=layer.block_rows, name=layer.name,
+        )
+        layer.install_layout(active_rows, indices, source)
+        layer.clear()
+        return {"grown": n_grown, "active_neurons": int(active_rows.numel())}
 
     # ------------------------------------------------------------------ inspection
     def masks(self) -> dict[str, torch.Tensor]:

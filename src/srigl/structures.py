@@ -260,9 +260,20 @@ def topk_mask(scores: torch.Tensor, n: int, structure: Structure) -> torch.Tenso
         raise TypeError(f"unknown structure {structure!r}")
     groups = structure.unit_view(scores)  # (units, unit_size)
     _check_n(n, groups.shape[1], structure, scores.shape)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    if n > 0:
-        mask.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+    if n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    # torch.topk's choice among equal scores depends on the tensor's layout, the thread count and
+    # the device; taking ties by lowest index instead makes the mask a function of the scores alone,
+    # so an update run on the condensed layout, or block by block, picks what the dense one does.
+    nth = torch.topk(groups, n, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # (units, 1)
+    mask = groups >= nth  # every score reaching the n-th largest: n of them unless ties at it
+    over = mask.sum(dim=1) > n  # (units,)
+    if bool(over.any()):
+        rows = over.nonzero().squeeze(1)
+        unit, at = groups[rows], nth[rows]  # (r, unit_size), (r, 1)
+        above, tied = unit > at, unit == at
+        need = n - above.sum(dim=1, keepdim=True)  # (r, 1): places left for ties
+        mask[rows] = above | (tied & (tied.cumsum(dim=1) <= need))  # the first ties in index order
     return mask.view(scores.shape)
 
 

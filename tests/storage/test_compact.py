@@ -604,3 +604,55 @@ def test_invalid_configurations_raise_named_errors():
     assert type(mine) is MySRigL and isinstance(other[0], CondensedLinear)
     dense = srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, compact=False)
     assert type(dense) is srigl.SRigL
+
+
+# ----------------------------------------------------------------------------------------- block by block
+@pytest.mark.parametrize("block_elements", [1, 50, 1 << 22])  # one row, a few rows, the whole layer per block
+@pytest.mark.parametrize("gamma_sal", [0.0, 0.95])  # 0.95: the saliency passes (threshold, counts) run too
+def test_update_in_row_blocks_gives_the_masks_of_the_dense_update(monkeypatch, block_elements, gamma_sal):
+    from srigl import blockwise
+
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", block_elements)
+    passes = []
+    real_update = blockwise.update
+    monkeypatch.setattr(blockwise, "update", lambda **kw: passes.append(kw["block_rows"]) or real_update(**kw))
+    updates = 0
+    for dense_sp, compact_sp, (stats_dense, stats_compact) in twin_runs(
+        "mlp", 10, sparsity=0.9, gamma_sal=gamma_sal, distribution="uniform"
+    ):
+        assert_same_state(dense_sp, compact_sp)
+        if stats_compact is not None:
+            updates += 1
+            assert stats_compact["layers"] == stats_dense["layers"]
+    assert updates >= 2
+    assert passes and set(passes) <= {max(1, block_elements // fan_in) for fan_in in (24, 20, 16)}
+
+
+def test_set_with_constant_fan_in_regrows_the_same_random_weights_in_blocks(monkeypatch):
+    from srigl import blockwise
+
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 40)  # 1-2 rows per block
+    runs = []
+    for compact in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = srigl.SET(model, opt, sparsity=0.8, total_steps=10, delta=2, structure=ConstantFanIn(),
+                       distribution="uniform", compact=compact)
+        runs.append((model, opt, sp))
+    for x, y in batches("mlp", 10):
+        stats = [train_step(*run, x, y) for run in runs]
+        assert (stats[0] is None) == (stats[1] is None)
+        if stats[0] is not None:
+            assert stats[0]["layers"] == stats[1]["layers"]
+            assert sum(v["grown"] for v in stats[0]["layers"].values()) > 0
+        assert_same_state(runs[0][2], runs[1][2])
+
+
+def test_kth_largest_over_blocks_counts_the_ties_it_leaves():
+    from srigl.blockwise import _kth_largest
+
+    blocks = [torch.tensor([[5.0, 1.0], [3.0, 3.0]]), torch.tensor([[3.0, 0.0]])]
+    threshold, ties = _kth_largest(lambda: iter(blocks), 3)  # 5, then two of the three 3s
+    assert float(threshold) == 3.0 and ties == 2
+    threshold, ties = _kth_largest(lambda: iter(blocks), 1)
+    assert float(threshold) == 5.0 and ties == 1

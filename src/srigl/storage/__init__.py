@@ -35,6 +35,9 @@ class SparseParam(Protocol):
     collecting: bool
     #: The key of this kind in the sparsifier's ``state_dict`` (``"masks"`` or ``"layouts"``).
     state_key: str
+    #: Rows per block when the update runs on the condensed layout (:mod:`srigl.blockwise`, with
+    #: ``layout``, ``weight_rows``, ``grad_rows`` and ``install_layout``); None: on :meth:`dense_view`.
+    block_rows: int | None
 
     @property
     def stepped(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from srigl import distributed
+from srigl import blockwise, distributed
 from srigl.condensed import CondensedLinear, CondensedTensor, condense_tensor
 from srigl.condensed.twins import _HOLDER, _SPARSE_TENSORS, COMPACT_TWINS, _convert, _unit_of, _why_not_compact
 from srigl.errors import InvalidConfigError
@@ -137,6 +137,38 @@ class CompactParam:
         # This layer only, built now and freed after its update.
         return self.layout().to_dense(), self.module.dense_mask()  # (out, fan_in) each
 
+    @property
+    def block_rows(self) -> int:
+        """Output rows per block of an update (:mod:`srigl.blockwise`): a Linear's gradient rows are
+        formed a block at a time; a Conv2d's (small, and grouped ones do not split by rows) at once."""
+        if isinstance(self.module, CondensedLinear):
+            return blockwise.rows_per_block(self.fan_in)
+        return self.n_rows
+
+    def weight_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The dense ``(r1 - r0, fan_in)`` weight of output rows ``[r0, r1)``."""
+        m = self.module
+        a0, a1 = torch.searchsorted(m.active_rows, torch.tensor([r0, r1], device=m.active_rows.device)).tolist()
+        rows = m.values.new_zeros(a1 - a0, self.fan_in).scatter_(1, m.indices[a0:a1].long(), m.values.detach()[a0:a1])
+        return m.values.new_zeros(r1 - r0, self.fan_in).index_copy_(0, m.active_rows[a0:a1] - r0, rows)
+
+    def grad_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of :meth:`dense_grad`, ``(r1 - r0, fan_in)``, formed for those rows only
+        (and leaving what they are formed from in place for the next block)."""
+        grad = None if self._folded is None else self._folded[r0:r1].clone()
+        for x, grad_out in self._pairs():
+            dtype = torch.promote_types(torch.promote_types(x.dtype, grad_out.dtype), torch.float32)
+            if isinstance(self.module, CondensedLinear):
+                x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+                g_2d = grad_out.reshape(-1, grad_out.shape[-1])[:, r0:r1].to(dtype)  # (N, r1 - r0)
+                part = g_2d.t().mm(x_2d)  # (r1 - r0, in)
+            else:
+                part = dense_weight_grad(self.module, x, grad_out)[r0:r1]  # (out, fan_in) -> its rows
+            grad = part if grad is None else grad.add_(part)
+        if grad is None:  # unused in this step's forward: zero gradient
+            grad = self.module.values.new_zeros(r1 - r0, self.fan_in)
+        return grad  # (r1 - r0, fan_in)
+
     def fan_in_counts(self) -> torch.Tensor:
         counts = torch.zeros(self.n_rows, dtype=torch.long, device=self.module.indices.device)
         counts[self.module.active_rows.long()] = self.module.values.shape[1]
@@ -232,6 +264,35 @@ class CompactParam:
             self._rehook()
         module.indices = new_layout.indices
         module.active_rows = new_layout.active_rows
+
+    def install_layout(self, active_rows: torch.Tensor, indices: torch.Tensor, source: torch.Tensor) -> None:
+        """Make ``(active_rows, indices)`` the layout (what :func:`srigl.blockwise.update` returns):
+        entry ``(i, j)`` keeps the old value and optimizer state at flat position ``source[i, j]``,
+        or starts at exactly 0 with zero state where ``source`` is -1 (regrown)."""
+        module = self.module
+        kept = source >= 0  # (n_active', k')
+        at = source.clamp(min=0)
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(-1)[at].masked_fill_(~kept, 0)  # (n_active', k')
+
+        values = module.values
+        new_values = move(values.detach())
+        if new_values.shape == values.shape:
+            values.copy_(new_values)
+            values.grad = None  # laid out for the old indices
+            state = self.optimizer.state.get(values, {})
+            for key, value in list(state.items()):
+                if torch.is_tensor(value) and value.shape == values.shape:
+                    state[key] = move(value)
+        else:
+            # k' or n_active changed (ablation): a new Parameter (see install).
+            replacement = nn.Parameter(new_values.contiguous(), requires_grad=values.requires_grad)
+            swap_in_optimizer(self.optimizer, values, replacement, move)
+            module.values = replacement
+            self._rehook()
+        module.indices = indices.to(module.indices.dtype)
+        module.active_rows = active_rows
 
     def after_optimizer_step(self) -> None:
         pass  # no inactive weight is stored

@@ -33,6 +33,8 @@ class MaskedParam:
     """
 
     state_key = "masks"
+    #: Updated on its whole dense view at once (it holds one anyway).
+    block_rows = None
 
     def __init__(
         self,

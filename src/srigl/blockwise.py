@@ -1,0 +1,196 @@
+"""The update of a constant fan-in layer from its condensed layout, one block of output rows at a time.
+
+:meth:`srigl.Sparsifier._update_layer` sees a tensor as dense ``(out, fan_in)`` weight, mask and
+gradient. For a compact layer with many outputs (an extreme-classification head of 670k labels) those
+dense tensors are gigabytes; this is the same seven-step update without them:
+
+1. Scores. Drop scores are read off the ``(n_active, k)`` values (every active weight is there);
+   grow scores come per block of output rows from ``grow_block(r0, r1)`` (``|g^T x|`` of those rows,
+   or random ones), never for the whole layer at once.
+2. ``K`` (``n_drop``) as in the dense update: the drop fraction of the active weights, raised to the
+   number of active weights that are exactly 0.
+3.-5. Ablation asks the algorithm (:meth:`~srigl.Sparsifier.surviving_rows`) with a callable that
+   counts salient weights per row: top ``n_active - K`` magnitudes (on the values) or top ``K`` grow
+   scores of the whole layer (a threshold found in one pass over the blocks, then a counting pass).
+   Algorithms that do not ablate never call it, so a layer that is never ablated (an output layer)
+   makes a single pass over its gradient.
+6. Drop: the ``K`` smallest magnitudes of the layer, selected on the values.
+7. Grow: each block lifts its kept weights to ``+inf`` and its ablated rows to ``-inf`` and takes its
+   rows' top ``k'`` -- a per-row selection, so a block gives exactly the rows the whole would.
+
+The result is the new ``(active_rows, indices)`` and, for every new entry, the flat position in the
+old values it keeps (``-1``: regrown, starts at 0); the storage moves values and optimizer state.
+Selections are ``torch.topk`` on the same scores as the dense update, so masks are identical to it
+wherever the scores hold no ties (ties are resolved in an implementation-defined order by both).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from srigl.errors import MaskInvariantError
+from srigl.structures import ConstantFanIn, Unstructured, topk_mask
+
+#: Elements of one ``(rows, fan_in)`` block of grow scores: bounds the extra memory of an update
+#: (a few tensors of this many elements: scores, lifted scores, positions).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def rows_per_block(fan_in: int, block_elements: int | None = None) -> int:
+    """Output rows per block so a ``(rows, fan_in)`` block holds about ``block_elements``
+    (:data:`BLOCK_ELEMENTS` by default)."""
+    return max(1, (BLOCK_ELEMENTS if block_elements is None else block_elements) // max(fan_in, 1))
+
+
+def _blocks(n_rows: int, block_rows: int):
+    for r0 in range(0, n_rows, block_rows):
+        yield r0, min(r0 + block_rows, n_rows)
+
+
+def _dense_rows(flags: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, n_rows: int, fan_in: int,
+                fill) -> torch.Tensor:
+    """Scatter per-entry ``flags`` ``(n, k)`` of condensed rows ``rows`` ``(n,)`` (block-local) into a
+    ``(n_rows, fan_in)`` tensor filled with ``fill`` elsewhere."""
+    out = torch.full((n_rows, fan_in), fill, dtype=flags.dtype, device=flags.device)
+    if rows.numel():
+        out[rows[:, None], indices.long()] = flags  # (n, k) entries into (n_rows, fan_in)
+    return out
+
+
+def _kth_largest(blocks: Callable[[], "object"], n: int) -> tuple[float, int]:
+    """The ``n``-th largest score over every block, and how many scores equal it must be taken
+    (scores above it are all taken): a running top-``n`` merged block by block."""
+    best = None
+    for scores in blocks():
+        flat = scores.reshape(-1)
+        top = torch.topk(flat, min(n, flat.numel()), sorted=False).values
+        best = top if best is None else torch.topk(torch.cat([best, top]), min(n, best.numel() + top.numel()),
+                                                    sorted=False).values
+    threshold = best.min()
+    return threshold, n - int((best > threshold).sum())
+
+
+def update(
+    *,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    active_rows: torch.Tensor,
+    n_rows: int,
+    fan_in: int,
+    budget: int,
+    drop_fraction: float,
+    drop_scores: Callable[[torch.Tensor], torch.Tensor],
+    grow_block: Callable[[int, int], torch.Tensor],
+    surviving_rows: Callable[[Callable[[], torch.Tensor], int], torch.Tensor],
+    restart: Callable[[], None],
+    block_rows: int,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One constant fan-in update of a condensed layer (see the module docstring).
+
+    Args:
+        values, indices: ``(n_active, k)`` condensed layout; ``active_rows`` ``(n_active,)`` ascending.
+        n_rows, fan_in: the dense ``(out, fan_in)`` shape; ``budget`` the layer's active weights.
+        drop_fraction: this step's drop fraction.
+        drop_scores: ``|w|`` of a values tensor (the algorithm's drop score).
+        grow_block: grow scores ``(r1 - r0, fan_in)`` of output rows ``[r0, r1)``; called in
+            ascending row order, once per pass.
+        surviving_rows: the algorithm's ablation, called as ``surviving_rows(salient_counts, k)``.
+        restart: called before each pass over the blocks (rewinds a random grow score's generator,
+            so every pass sees the same scores).
+        block_rows: rows per block.
+        name: the tensor's FQN, for errors.
+
+    Returns:
+        ``(active_rows, indices, source, n_grown)`` of the new layout: ``source`` ``(n_active', k')``
+        int64 holds each entry's flat position in the old values, or -1 where it is regrown.
+    """
+    n_act, k = values.shape
+    device = values.device
+    n_active = n_act * k
+    n_zero = int((values == 0).sum())
+    n_drop = max(int(drop_fraction * n_active), n_zero) if drop_fraction > 0 else 0
+    drop = drop_scores(values)  # (n_act, k)
+    row_of = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+    row_of[active_rows] = torch.arange(n_act, device=device)  # dense row -> condensed row
+
+    def block_entries(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Condensed rows held by dense rows [r0, r1): active_rows is ascending.
+        a0, a1 = torch.searchsorted(active_rows, torch.tensor([r0, r1], device=device)).tolist()
+        return torch.arange(a0, a1, device=device), active_rows[a0:a1] - r0
+
+    def grow_scores_all():
+        restart()
+        for r0, r1 in _blocks(n_rows, block_rows):
+            yield grow_block(r0, r1)
+
+    def salient_counts() -> torch.Tensor:
+        # ablation.salient_weights, counted per row without the dense tensors: the top n_active - K
+        # magnitudes (on the values) or the top K grow scores of the whole layer.
+        by_magnitude = topk_mask(drop, n_active - n_drop, Unstructured())  # (n_act, k)
+        counts = torch.zeros(n_rows, dtype=torch.long, device=device)
+        counts[active_rows] = by_magnitude.sum(dim=1)
+        if n_drop == 0:
+            return counts
+        threshold, ties_left = _kth_largest(grow_scores_all, n_drop)
+        restart()
+        for r0, r1 in _blocks(n_rows, block_rows):
+            grow = grow_block(r0, r1)  # (B, fan_in)
+            by_gradient = grow > threshold
+            tied = grow == threshold
+            if ties_left > 0 and bool(tied.any()):
+                # Ties at the K-th score: the first ones in row-major order (topk's order among ties
+                # is unspecified; this one does not depend on the block size).
+                order = tied.reshape(-1).cumsum(0).view_as(tied)  # (B, fan_in)
+                take = tied & (order <= ties_left)
+                ties_left -= int(take.sum())
+                by_gradient |= take
+            entries, local = block_entries(r0, r1)
+            magnitude_block = _dense_rows(by_magnitude[entries], indices[entries], local, r1 - r0, fan_in, False)
+            counts[r0:r1] += (by_gradient & ~magnitude_block).sum(dim=1)
+        return counts
+
+    k_now = k if n_act else 0
+    alive = surviving_rows(salient_counts, k_now).to(device)  # (out,)
+    per_unit = ConstantFanIn().per_unit_after(budget, int(alive.sum()), fan_in)
+
+    # Drop: of the active weights in surviving neurons, keep all but the K smallest magnitudes of the
+    # whole layer, then at most k' per row (k' may shrink when neurons revive).
+    candidates = alive[active_rows][:, None].expand(n_act, k)  # (n_act, k)
+    n_keep = max(int(candidates.sum()) - n_drop, 0)
+    keep = topk_mask(torch.where(candidates, drop, -torch.inf), n_keep, Unstructured())  # (n_act, k)
+    if per_unit < k:
+        keep &= topk_mask(torch.where(keep, drop, -torch.inf), per_unit, ConstantFanIn())
+
+    # Grow, block by block: kept weights certain (+inf), ablated rows impossible (-inf).
+    position = torch.arange(n_active, device=device).view(n_act, k)  # flat position in the old values
+    new_rows, new_indices, sources = [], [], []
+    n_grown = 0
+    restart()
+    for r0, r1 in _blocks(n_rows, block_rows):
+        grow = grow_block(r0, r1)  # (B, fan_in)
+        entries, local = block_entries(r0, r1)
+        keep_block = _dense_rows(keep[entries], indices[entries], local, r1 - r0, fan_in, False)
+        alive_block = alive[r0:r1, None]  # (B, 1)
+        lifted = torch.where(keep_block, torch.inf, grow)
+        lifted = torch.where(alive_block, lifted, -torch.inf)
+        new = topk_mask(lifted, per_unit, ConstantFanIn()) & alive_block  # (B, fan_in)
+        rows = alive[r0:r1].nonzero().squeeze(1)  # block-local surviving rows, ascending
+        if per_unit == 0 or rows.numel() == 0:
+            continue
+        if not bool((new.sum(dim=1)[rows] == per_unit).all()):
+            raise MaskInvariantError(f"{name}: rows {r0}..{r1} do not all hold k'={per_unit} weights after the update")
+        # nonzero() lists each row's columns in ascending order, per_unit of them per row.
+        cols = new[rows].nonzero()[:, 1].reshape(rows.numel(), per_unit)  # (n_rows_new, k')
+        old_position = _dense_rows(position[entries], indices[entries], local, r1 - r0, fan_in, -1)
+        source = old_position[rows[:, None], cols]  # (n_rows_new, k'); -1: regrown
+        n_grown += int((source < 0).sum())
+        new_rows.append(rows + r0)
+        new_indices.append(cols)
+        sources.append(source)
+    if not new_rows:
+        empty = torch.zeros(0, per_unit, dtype=torch.long, device=device)
+        return torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0
+    return torch.cat(new_rows), torch.cat(new_indices), torch.cat(sources), n_grown
