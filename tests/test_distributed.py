@@ -409,3 +409,39 @@ def test_ranks_with_the_same_config_but_other_masks_fail_fast(tmp_path):
     assert "epoch 1/1" not in result.stdout
     assert result.stderr.count("masks (at start) differ from rank 0 (world size 2): fc1.weight on ranks [1]") >= 2, \
         result.stderr[-4000:]
+
+
+FSDP2 = r'''
+import gc
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import srigl
+from srigl.distributed import rank
+
+dist.init_process_group("gloo")
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+fully_shard(model)
+try:
+    srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
+except srigl.errors.InvalidConfigError as e:
+    print(f"rank{rank()}: {e}", flush=True)
+dist.destroy_process_group()
+gc.collect()
+'''
+
+
+def test_an_fsdp2_sharded_model_is_refused_by_name_on_every_rank(tmp_path):
+    """fully_shard runs on CPU with gloo, but each rank holds only a shard of each weight (DTensors):
+    the sparsifier refuses it and names DDP (sparsifier.wrap_ddp) as the alternative."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2)
+    result = _torchrun([str(script)], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for r in (0, 1):
+        assert (f"rank{r}: FSDPSequential is sharded with FSDP2 (fully_shard): 4 parameters are DTensors "
+                "(e.g. ['0.weight', '0.bias', '2.weight'])") in result.stdout, result.stdout
+    assert result.stdout.count("use DDP (net = sparsifier.wrap_ddp()) instead") == 2

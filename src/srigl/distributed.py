@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from srigl.errors import ReplicaDivergenceError
+from srigl.errors import InvalidConfigError, ReplicaDivergenceError
 
 
 def _dist():
@@ -101,4 +101,27 @@ def check_replicas_in_sync(tensors: Mapping[str, torch.Tensor], what: str = "ten
         listed = "; ".join(f"{name} on ranks {ranks}" for name, ranks in list(differing.items())[:8])
         raise ReplicaDivergenceError(
             f"{len(differing)} of {len(reference)} {what} differ from rank 0 (world size {len(gathered)}): {listed}"
+        )
+
+
+def refuse_sharded(model: torch.nn.Module) -> None:
+    """Refuse a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+    Each rank then holds a shard of every weight (its parameters are DTensors), so a rank's top-k
+    would not see whole neurons and the masks would differ between ranks. DDP keeps whole weights.
+
+    Raises:
+        InvalidConfigError: some parameter of ``model`` is a DTensor.
+    """
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise InvalidConfigError(
+            f"{type(model).__name__} is sharded with FSDP2 (fully_shard): {len(sharded)} parameters are "
+            f"DTensors (e.g. {sharded[:3]}); srigl needs whole weights on every rank to keep masks "
+            "rank-consistent. Build the sparsifier on the unsharded model and use DDP "
+            "(net = sparsifier.wrap_ddp()) instead"
         )

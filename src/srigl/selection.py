@@ -13,6 +13,17 @@ from srigl.errors import InvalidConfigError
 # out_proj of nn.MultiheadAttention) are matched through isinstance.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
+# Module types (by "module.qualname", so the core never imports their library) that store their
+# weight transposed, as (fan_in, out): Hugging Face GPT-2's Conv1D computes y = x @ W + b. The
+# engine reads every weight as (out, fan_in), so sparsifying one would put the constant fan-in
+# along the wrong axis and ablate inputs; select() refuses them until a transposed layout exists.
+TRANSPOSED_WEIGHT_TYPES: frozenset[str] = frozenset({"transformers.pytorch_utils.Conv1D"})
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
 
 @dataclass(frozen=True)
 class SparsityPolicy:
@@ -115,11 +126,20 @@ def select(model: nn.Module, policy: SparsityPolicy, output: str | None = None) 
         The output layer's weight is flagged ``is_output`` (the classifier, never ablated).
 
     Raises:
-        InvalidConfigError: ``output`` names no parameter of ``model``.
+        InvalidConfigError: ``output`` names no parameter of ``model``, or ``policy.types`` admits a
+            module that stores its weight transposed (see ``TRANSPOSED_WEIGHT_TYPES``).
     """
     eligible: list[tuple[str, str, nn.Module]] = []  # (module_name, param_name, module)
     for module_name, module in model.named_modules():
         if isinstance(module, policy.types):
+            if _qualname(module) in TRANSPOSED_WEIGHT_TYPES:
+                shape = tuple(module.weight.shape)
+                raise InvalidConfigError(
+                    f"{module_name!r} is a {_qualname(module)} whose weight {shape} is stored (fan_in, out) = "
+                    f"({shape[0]}, {shape[1]}); srigl reads weights as (out, fan_in), so it would keep a constant "
+                    "fan-in along the wrong axis and ablate inputs. Remove its type from SparsityPolicy.types "
+                    "(transposed layouts are not supported yet)"
+                )
             for param_name in _weight_params(module):
                 if getattr(module, param_name).dim() >= policy.min_ndim:
                     eligible.append((module_name, param_name, module))

@@ -114,6 +114,7 @@ class Sparsifier:
         compact_types: tuple[type[nn.Module], ...] | None = None,
     ):
         self.model = masks.unwrap(model)
+        distributed.refuse_sharded(self.model)
         self.optimizer = self._check_optimizer(optimizer)
         self.structure = structure if structure is not None else self.default_structure
         self.storage = self._check_storage(compact, compact_types)

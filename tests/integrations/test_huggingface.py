@@ -154,6 +154,23 @@ def test_gpt2_conv1d_is_not_sparsified_along_the_wrong_axis(tmp_path):
         assert reasons[name] == "type Conv1D not in sparse types", (name, reasons[name])
 
 
+def test_adding_conv1d_to_the_policy_is_refused_by_name_not_applied_along_the_wrong_axis():
+    """Putting Conv1D in SparsityPolicy.types used to keep fan-in along its input axis (ablating
+    inputs); until a transposed layout exists, select() refuses it and names the layer and shape."""
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2))
+    policy = srigl.SparsityPolicy(types=srigl.selection.DEFAULT_TYPES + (Conv1D,))
+    with pytest.raises(srigl.errors.InvalidConfigError, match=r"'transformer\.h\.0\.attn\.c_attn' .*\(32, 96\)"):
+        srigl.selection.select(model, policy)
+
+
+def test_bert_linear_layers_are_selected_by_the_default_policy():
+    """BERT's projections are nn.Linear, stored (out, fan_in): the default policy selects them."""
+    model = tiny_bert()
+    chosen = {c.name for c in srigl.selection.select(model, srigl.SparsityPolicy()) if c.sparse}
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linear and linear <= chosen
+
+
 def readme_example(which: int) -> str:
     """The ``which``-th python block of the README's "Hugging Face and Lightning" section."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
