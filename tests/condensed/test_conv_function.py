@@ -40,10 +40,16 @@ def test_matches_unfold_layer_forward_and_backward(case):
     *conf, n, h, w = case
     layer = _layer(*conf)
     x = torch.randn(n, conf[0], h, w, requires_grad=True)
-    y_ref = layer(x)
+    with torch.no_grad():
+        y_ref = layer(x)  # the unfold route (no grad)
+    conv = layer.to_dense()
+    y_dense = conv(x)
     g = torch.randn_like(y_ref)
-    gx_ref, gv_ref = torch.autograd.grad(y_ref, (x, layer.values), g)
-    y = _apply(layer, x)
+    gx_ref, gw = torch.autograd.grad(y_dense, (x, conv.weight), g)
+    gw = gw.reshape(layer.out_channels, -1)[layer.active_rows]  # (n_active, fan_in_flat)
+    gv_ref = gw.gather(1, layer.indices.long())
+    y = layer(x)  # grad enabled: the function route
+    torch.testing.assert_close(_apply(layer, x), y)
     gx, gv = torch.autograd.grad(y, (x, layer.values), g)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
@@ -76,7 +82,7 @@ def test_saves_no_unfolded_input():
     layer = _layer(8, 8, 3, 1, 1, 1, 1)
     x = torch.randn(2, 8, 10, 10, requires_grad=True)
     unfolded = 2 * 8 * 9 * 10 * 10
-    old = _saved_numels(lambda: layer(x))
-    new = _saved_numels(lambda: _apply(layer, x))
+    old = _saved_numels(lambda: layer._matmul(F.unfold(x, 3, padding=1).transpose(1, 2)))
+    new = _saved_numels(lambda: layer(x))
     assert max(old) >= unfolded  # the unfold route keeps the im2col matrix
     assert max(new) < unfolded and max(new) <= 2 * 8 * 12 * 12  # at most the padded input
