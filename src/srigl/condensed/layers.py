@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srigl.masks import get_mask
+from srigl.condensed.conv_function import condensed_conv2d
 from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
 from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.checks import FanInOperandError, check_indices
@@ -439,6 +440,12 @@ class CondensedConv2d(_CondensedLayer):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if any(self._pad):
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting():
+            # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
+            # this function saves only the padded input (see conv_function).
+            y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
+                                 self.kernel_size, self.stride, self.dilation, self.groups)  # (N, out, H_out, W_out)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         n, _, height, width = x.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         h_out = (height - dh * (kh - 1) - 1) // sh + 1
