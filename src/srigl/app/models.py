@@ -448,3 +448,20 @@ def vit_tiny(
     4 blocks of 4 heads, MLP 256 (about 0.54M parameters)."""
     return ViT(in_channels, image_size, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
 
+
+
+@register_model("vit-b16")
+def vit_b16(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    patch_size: int = 16,
+    dim: int = 768,
+    depth: int = 12,
+    heads: int = 12,
+    mlp_dim: int = 3072,
+    dropout: float = 0.0,
+) -> ViT:
+    """ViT-B/16 at its real size (about 86M parameters at 224): 16x16 patches, dim 768,
+    12 blocks of 12 heads, MLP 3072. The image size must be a multiple of ``patch_size``."""
+    return ViT(in_channels, image_size, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
