@@ -16,7 +16,7 @@ NUM_CLASSES = 7  # not 10, so a hard-coded 10 anywhere shows up
 SMALL = {"resnet18": {"width": 0.25}, "wrn-22-2": {"depth": 10, "widen_factor": 1}, "vit-tiny": {"dim": 32, "depth": 2}}
 # Real-size entries whose defaults do not fit 28x28 (patch 16) or are too slow for every test:
 # every test builds them with these overrides; their real size is shape-checked on the meta device.
-TINY = {"vit-b16": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}}
+TINY = {"vit-b16": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}, "resnet50": {"width": 0.125}}
 SMALL.update(TINY)
 
 
@@ -140,3 +140,13 @@ def test_vit_b16_real_size_on_the_meta_device():
     assert 86_000_000 < n_params(model) < 87_000_000  # ViT-B/16 with a 1000-class head: 86.6M
     with pytest.raises(ValueError, match="multiple of patch_size"):
         create_model("vit-b16", 1, 28, 10)
+
+
+def test_resnet50_real_size_on_the_meta_device():
+    with torch.device("meta"):
+        model = create_model("resnet50", 3, 224, 1000)
+        logits = model(torch.empty(2, 3, 224, 224))
+    assert logits.shape == (2, 1000)
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
+    assert model.fc.in_features == 2048
+    assert n_params(model) == 25_557_032  # torchvision's resnet50 count
