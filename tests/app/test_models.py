@@ -14,6 +14,10 @@ NUM_CLASSES = 7  # not 10, so a hard-coded 10 anywhere shows up
 # Narrow versions for the backward-pass test, which keeps the file fast on a busy 2-core
 # machine; a model missing here is tested at its defaults.
 SMALL = {"resnet18": {"width": 0.25}, "wrn-22-2": {"depth": 10, "widen_factor": 1}, "vit-tiny": {"dim": 32, "depth": 2}}
+# Real-size entries whose defaults do not fit 28x28 (patch 16) or are too slow for every test:
+# every test builds them with these overrides; their real size is shape-checked on the meta device.
+TINY = {"vit-b16": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}, "resnet50": {"width": 0.125}}
+SMALL.update(TINY)
 
 
 def n_params(model: nn.Module) -> int:
@@ -24,7 +28,7 @@ def n_params(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", list_models())
 def test_output_shape(name, in_channels, image_size):
     torch.manual_seed(0)
-    model = create_model(name, in_channels, image_size, NUM_CLASSES)
+    model = create_model(name, in_channels, image_size, NUM_CLASSES, **TINY.get(name, {}))
     logits = model(torch.randn(2, in_channels, image_size, image_size))
     assert logits.shape == (2, NUM_CLASSES) and logits.dtype == torch.float32
     model.eval()
@@ -54,7 +58,7 @@ def test_one_sgd_step_gives_every_parameter_a_finite_gradient(name, in_channels,
 
 @pytest.mark.parametrize("name", list_models())
 def test_classifier_and_first_layer_are_named(name):
-    model = create_model(name, 3, 32, NUM_CLASSES)
+    model = create_model(name, 3, 32, NUM_CLASSES, **TINY.get(name, {}))
     classifier = model.get_submodule(model.classifier_name)
     assert isinstance(classifier, nn.Linear) and classifier.out_features == NUM_CLASSES
     expected = "head" if name.startswith("vit") else "fc"
@@ -67,9 +71,9 @@ def test_classifier_and_first_layer_are_named(name):
 @pytest.mark.parametrize("name", list_models())
 def test_construction_is_deterministic_under_manual_seed(name):
     torch.manual_seed(123)
-    a = create_model(name, 1, 28, NUM_CLASSES).state_dict()
+    a = create_model(name, 1, 28, NUM_CLASSES, **TINY.get(name, {})).state_dict()
     torch.manual_seed(123)
-    b = create_model(name, 1, 28, NUM_CLASSES).state_dict()
+    b = create_model(name, 1, 28, NUM_CLASSES, **TINY.get(name, {})).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -124,3 +128,25 @@ def test_vit_patch_grid_and_options():
         create_model("vit-tiny", 1, 28, 10, patch_size=8)
     with pytest.raises(ValueError, match="dim 100 is not a multiple of heads 3"):
         create_model("vit-tiny", 1, 28, 10, dim=100, heads=3)
+
+
+def test_vit_b16_real_size_on_the_meta_device():
+    with torch.device("meta"):
+        model = create_model("vit-b16", 3, 224, 1000)
+        logits = model(torch.empty(2, 3, 224, 224))
+    assert logits.shape == (2, 1000)
+    assert model.pos_embed.shape == (1, 14 * 14 + 1, 768) and len(model.blocks) == 12
+    assert model.blocks[0].mlp[0].weight.shape == (3072, 768) and model.blocks[0].attn.num_heads == 12
+    assert 86_000_000 < n_params(model) < 87_000_000  # ViT-B/16 with a 1000-class head: 86.6M
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        create_model("vit-b16", 1, 28, 10)
+
+
+def test_resnet50_real_size_on_the_meta_device():
+    with torch.device("meta"):
+        model = create_model("resnet50", 3, 224, 1000)
+        logits = model(torch.empty(2, 3, 224, 224))
+    assert logits.shape == (2, 1000)
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
+    assert model.fc.in_features == 2048
+    assert n_params(model) == 25_557_032  # torchvision's resnet50 count

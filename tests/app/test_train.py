@@ -17,6 +17,8 @@ from srigl.app.config import TrainConfig, resolve_config
 from srigl.app.models import create_model, list_models
 from srigl.app.train import build_optimizer, build_sparsifier, lr_factor
 
+from .test_models import TINY
+
 
 # ------------------------------------------------------------------------------------------ LR
 def test_lr_factor_golden():
@@ -50,7 +52,7 @@ def test_sparse_init_rescales_to_sparse_fan_in_golden(compact):
 @pytest.mark.parametrize("model_name", list_models())
 def test_every_model_trains_one_step_under_every_algorithm(model_name, algorithm):
     torch.manual_seed(0)
-    model = create_model(model_name, in_channels=1, image_size=28, num_classes=10)
+    model = create_model(model_name, in_channels=1, image_size=28, num_classes=10, **TINY.get(model_name, {}))
     config = resolve_config(TrainConfig(data="digits", model=model_name, method=algorithm, sparsity=0.9, delta=1))
     optimizer = build_optimizer(config, model)
     # total_steps 4 -> t_end 3: step 1 is a mask update (RigL/SRigL/SET drop and regrow).

@@ -448,3 +448,90 @@ def vit_tiny(
     4 blocks of 4 heads, MLP 256 (about 0.54M parameters)."""
     return ViT(in_channels, image_size, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
 
+
+
+@register_model("vit-b16")
+def vit_b16(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    patch_size: int = 16,
+    dim: int = 768,
+    depth: int = 12,
+    heads: int = 12,
+    mlp_dim: int = 3072,
+    dropout: float = 0.0,
+) -> ViT:
+    """ViT-B/16 at its real size (about 86M parameters at 224): 16x16 patches, dim 768,
+    12 blocks of 12 heads, MLP 3072. The image size must be a multiple of ``patch_size``."""
+    return ViT(in_channels, image_size, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, each conv-BN, with an identity or
+    1x1 conv-BN projection shortcut (the torchvision "ResNet v1.5" layout)."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet ResNet-50: 7x7 stride-2 stem and 3x3 stride-2 max pool, Bottlenecks [3, 4, 6, 3]
+    with ``64, 128, 256, 512`` (times ``width``) inner channels expanded 4x, global average pool, ``fc``."""
+
+    classifier_name = "fc"
+    first_layer_name = "conv1"
+
+    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        _check_positive(width=width)
+        channels = [max(1, round(64 * width * 2**i)) for i in range(4)]
+        self.conv1 = nn.Conv2d(in_channels, channels[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels[0])
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages = []
+        in_planes = channels[0]
+        for i, (planes, blocks) in enumerate(zip(channels, (3, 4, 6, 3))):
+            stride = 1 if i == 0 else 2
+            stage = [Bottleneck(in_planes, planes, stride)]
+            stage += [Bottleneck(planes * 4, planes, 1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*stage))
+            in_planes = planes * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_cnn(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))  # (B, 64w, S/4, S/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048w, S/32, S/32)
+        x = self.pool(x).flatten(1)  # (B, 2048w, 1, 1) -> (B, 2048w)
+        return self.fc(x)
+
+
+@register_model("resnet50")
+def resnet50(in_channels: int, image_size: int, num_classes: int, width: float = 1.0) -> ResNet50:
+    """ImageNet ResNet-50 (25.56M parameters at ``width=1`` for 1000 classes, meant for 224x224);
+    ``width`` scales channels."""
+    del image_size  # global average pooling makes the network size-agnostic
+    return ResNet50(in_channels, num_classes, width)
