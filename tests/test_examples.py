@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # What each example must print: a line whose value could be wrong, not just "done".
-EXPECTED = {"own_model.py": "condensed vs masked max |diff|"}
+EXPECTED = {
+    "own_model.py": "condensed vs masked max |diff|",
+    "lightning_callback.py": "layer 0 zero fraction",
+}
 
 
 def test_every_example_has_an_expected_output():
