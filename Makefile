@@ -8,8 +8,10 @@ DATA   := data
 
 .PHONY: install data test demo reproduce bench clean
 
+# The pinned CPU torch wheel first: pyproject's torch range alone could resolve to a 5 GB CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 

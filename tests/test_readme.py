@@ -46,3 +46,10 @@ def test_readme_python_example_runs_as_written():
     assert abs(sparsifier.global_sparsity() - 0.9) < 0.01
     for name, mask in sparsifier.masks().items():
         assert not namespace["model"].get_parameter(name)[~mask].any(), name
+
+
+def test_every_example_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"examples/([\w.]+\.py)", readme))
+    assert named, "the README points to no example"
+    assert all((ROOT / "examples" / name).is_file() for name in named), named

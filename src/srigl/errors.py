@@ -65,3 +65,7 @@ class ReplicaDivergenceError(SriglError, RuntimeError):
 
 class MaskError(SriglError, ValueError):
     """A mask that does not fit its weight (shape, dtype, name) or that the weight does not obey."""
+
+
+class MissingDependencyError(SriglError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra."""

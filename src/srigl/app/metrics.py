@@ -121,9 +121,9 @@ class MetricsLog:
 
 def plot_curves(rows: list[Mapping[str, Any]], path: Path, title: str) -> Path:
     """Loss, accuracy and active-neuron curves per epoch as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
+    from srigl._optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "plotting").use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [int(r["epoch"]) for r in rows]

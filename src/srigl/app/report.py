@@ -254,9 +254,9 @@ def pivot_table(cells: Sequence[Cell], data: str, model: str, value: str = "acc"
 
 
 def _plt():
-    import matplotlib
+    from srigl._optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "plotting").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

@@ -238,9 +238,9 @@ class TrainingInterrupted(SriglError):
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from srigl._optional import require
 
-    return tqdm(iterable, **kwargs)
+    return require("tqdm.auto", "the training progress bar").tqdm(iterable, **kwargs)
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:

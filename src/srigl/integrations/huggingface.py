@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from srigl._optional import require
 from srigl.errors import CheckpointError
 from srigl.integrations._build import build_sparsifier, check_method
 from srigl.io.atomic import atomic_write
 from srigl.sparsifier import Sparsifier
+
+# Through require: a missing transformers reads as one line naming the extra, not a traceback.
+TrainerCallback = require("transformers", "srigl.integrations.huggingface").TrainerCallback
+PREFIX_CHECKPOINT_DIR = require("transformers.trainer_utils", "srigl.integrations.huggingface").PREFIX_CHECKPOINT_DIR
 
 if not hasattr(TrainerCallback, "on_optimizer_step"):  # without it the callback would never step
     raise ImportError("srigl.integrations.huggingface needs transformers>=4.42 (TrainerCallback.on_optimizer_step)")

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Callback
-
+from srigl._optional import require
 from srigl.errors import CheckpointError
 from srigl.integrations._build import build_sparsifier, check_method
 from srigl.sparsifier import Sparsifier
+
+# Through require: a missing lightning reads as one line naming the extra, not a traceback.
+Callback = require("lightning.pytorch", "srigl.integrations.lightning").Callback
 
 #: The sparsifier state's key in a Lightning checkpoint.
 CHECKPOINT_KEY = "srigl_sparsifier"

@@ -295,7 +295,9 @@ def save_condensed(model: nn.Module, path: str | os.PathLike, *, metadata: dict[
     Returns:
         The path written.
     """
-    from safetensors.torch import save
+    from srigl._optional import require
+
+    save = require("safetensors.torch", "saving a condensed model").save
 
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
@@ -367,7 +369,9 @@ def load_condensed(path: str | os.PathLike, model: nn.Module | None = None) -> n
     Warns:
         UserWarning: the file has the first format, whose checksum does not cover the spec.
     """
-    from safetensors.torch import load
+    from srigl._optional import require
+
+    load = require("safetensors.torch", "loading a condensed model").load
 
     data, metadata = _read(path)
     try:
