@@ -248,3 +248,42 @@ def test_topk_mask_takes_ties_by_lowest_index_whatever_topk_picks():
     ties = torch.randint(0, 3, (12, 9)).float()
     whole = topk_mask(ties, 4, ConstantFanIn())
     assert torch.equal(torch.cat([topk_mask(part, 4, ConstantFanIn()) for part in ties.split(5)]), whole)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "infinities", "sorted", "reversed"])
+def test_nth_largest_brackets_to_the_exact_answer(monkeypatch, kind):
+    import srigl.structures as structures
+
+    # Small thresholds so the bracketing path runs on small tensors.
+    monkeypatch.setattr(structures, "_BRACKET_FROM", 1000)
+    monkeypatch.setattr(structures, "_SAMPLE", 64)
+    g = torch.Generator().manual_seed(0)
+    total = 20_011
+    scores = {
+        "random": torch.rand(total, generator=g),
+        "ties": torch.randint(0, 7, (total,), generator=g).float(),
+        "infinities": torch.rand(total, generator=g).index_fill(0, torch.arange(0, total, 3), torch.inf)
+        .index_fill(0, torch.arange(1, total, 5), -torch.inf),
+        "sorted": torch.arange(total, dtype=torch.float32),
+        "reversed": torch.arange(total, 0, -1, dtype=torch.float32),
+    }[kind]
+    for n in (1, 2, 17, total // 3, total // 2, total - 5, total):
+        assert structures.nth_largest(scores, n) == torch.topk(scores, n).values[-1], n
+    # And topk_mask of one huge unit keeps exactly n, ties by lowest index.
+    mask = topk_mask(scores.view(1, -1), total // 3, Unstructured())
+    assert int(mask.sum()) == total // 3
+    nth = torch.topk(scores, total // 3).values[-1]
+    tied = (scores == nth).nonzero().squeeze(1)
+    taken = mask.view(-1)[tied]
+    assert bool(taken[: int(taken.sum())].all())  # the taken ties are the first ones
+
+
+def test_row_top_takes_ties_by_lowest_position():
+    from srigl.blockwise import _row_top
+
+    scores = torch.tensor([[0.0, 5.0, 0.0, 0.0, 9.0], [1.0, 1.0, 1.0, 1.0, 1.0], [3.0, 2.0, torch.inf, 1.0, 0.0]])
+    assert _row_top(scores, 3).tolist() == [[0, 1, 4], [0, 1, 2], [0, 1, 2]]
+    g = torch.Generator().manual_seed(1)
+    many = torch.randint(0, 4, (50, 30), generator=g).float()
+    expected = topk_mask(many, 6, ConstantFanIn()).nonzero()[:, 1].view(50, 6)
+    assert torch.equal(_row_top(many, 6), expected)

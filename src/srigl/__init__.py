@@ -14,6 +14,7 @@ from srigl.errors import (
     InfeasibleSparsityError,
     InvalidConfigError,
     InvalidSparsityError,
+    LayerTooLargeError,
     MaskInvariantError,
     NoSparsifiableLayerError,
     NotConstantFanInError,

@@ -65,6 +65,8 @@ class SET(Sparsifier):
     def grow_scores(self, weight: torch.Tensor, dense_grad: torch.Tensor | None) -> torch.Tensor:
         return torch.rand(weight.shape, generator=self.generator).to(weight.device)
 
+    grow_scores.reads_weight = False  # only its shape and device
+
 
 @register_algorithm("rigl")
 class RigL(Sparsifier):
@@ -74,6 +76,8 @@ class RigL(Sparsifier):
 
     def grow_scores(self, weight: torch.Tensor, dense_grad: torch.Tensor | None) -> torch.Tensor:
         return dense_grad.abs()
+
+    grow_scores.reads_weight = False
 
 
 @register_algorithm("srigl")

@@ -15,13 +15,14 @@ dense tensors are gigabytes; this is the same seven-step update without them:
    Algorithms that do not ablate never call it, so a layer that is never ablated (an output layer)
    makes a single pass over its gradient.
 6. Drop: the ``K`` smallest magnitudes of the layer, selected on the values.
-7. Grow: each block lifts its kept weights to ``+inf`` and its ablated rows to ``-inf`` and takes its
-   rows' top ``k'`` -- a per-row selection, so a block gives exactly the rows the whole would.
+7. Grow: each block lifts its kept weights to ``+inf`` and takes every surviving row's top ``k'``
+   positions straight from ``torch.topk`` (ties at the ``k'``-th score by lowest position) -- a
+   per-row selection, so a block gives exactly the rows the whole would.
 
 The result is the new ``(active_rows, indices)`` and, for every new entry, the flat position in the
 old values it keeps (``-1``: regrown, starts at 0); the storage moves values and optimizer state.
-Selections are ``torch.topk`` on the same scores as the dense update, so masks are identical to it
-wherever the scores hold no ties (ties are resolved in an implementation-defined order by both).
+Selections take the same scores as the dense update and resolve ties the same way (lowest index,
+:func:`srigl.structures.topk_mask`), so the masks are identical to it.
 """
 
 from __future__ import annotations
@@ -113,14 +114,6 @@ def update(
     n_zero = int((values == 0).sum())
     n_drop = max(int(drop_fraction * n_active), n_zero) if drop_fraction > 0 else 0
     drop = drop_scores(values)  # (n_act, k)
-    row_of = torch.full((n_rows,), -1, dtype=torch.long, device=device)
-    row_of[active_rows] = torch.arange(n_act, device=device)  # dense row -> condensed row
-
-    def block_entries(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Condensed rows held by dense rows [r0, r1): active_rows is ascending.
-        a0, a1 = torch.searchsorted(active_rows, torch.tensor([r0, r1], device=device)).tolist()
-        return torch.arange(a0, a1, device=device), active_rows[a0:a1] - r0
-
     def grow_scores_all():
         restart()
         for r0, r1 in _blocks(n_rows, block_rows):
@@ -147,8 +140,9 @@ def update(
                 take = tied & (order <= ties_left)
                 ties_left -= int(take.sum())
                 by_gradient |= take
-            entries, local = block_entries(r0, r1)
-            magnitude_block = _dense_rows(by_magnitude[entries], indices[entries], local, r1 - r0, fan_in, False)
+            a0, a1 = _entries(active_rows, r0, r1)
+            magnitude_block = _dense_rows(by_magnitude[a0:a1], indices[a0:a1], active_rows[a0:a1] - r0, r1 - r0,
+                                          fan_in, False)
             counts[r0:r1] += (by_gradient & ~magnitude_block).sum(dim=1)
         return counts
 
@@ -164,33 +158,77 @@ def update(
     if per_unit < k:
         keep &= topk_mask(torch.where(keep, drop, -torch.inf), per_unit, ConstantFanIn())
 
-    # Grow, block by block: kept weights certain (+inf), ablated rows impossible (-inf).
-    position = torch.arange(n_active, device=device).view(n_act, k)  # flat position in the old values
+    # Grow, block by block: of each surviving row, its kept weights (lifted to +inf) and the best grow
+    # scores of the rest, k' in all. Rows are selected by torch.topk's positions directly: no dense
+    # mask of the block is formed, nor scattered back to the condensed layout.
     new_rows, new_indices, sources = [], [], []
-    n_grown = 0
+    n_grown = n_kept_found = 0
     restart()
     for r0, r1 in _blocks(n_rows, block_rows):
-        grow = grow_block(r0, r1)  # (B, fan_in)
-        entries, local = block_entries(r0, r1)
-        keep_block = _dense_rows(keep[entries], indices[entries], local, r1 - r0, fan_in, False)
-        alive_block = alive[r0:r1, None]  # (B, 1)
-        lifted = torch.where(keep_block, torch.inf, grow)
-        lifted = torch.where(alive_block, lifted, -torch.inf)
-        new = topk_mask(lifted, per_unit, ConstantFanIn()) & alive_block  # (B, fan_in)
+        grow = grow_block(r0, r1)  # (B, fan_in); drawn for every block, so SET's stream stays whole
+        a0, a1 = _entries(active_rows, r0, r1)  # condensed rows [a0, a1) lie in dense rows [r0, r1)
         rows = alive[r0:r1].nonzero().squeeze(1)  # block-local surviving rows, ascending
         if per_unit == 0 or rows.numel() == 0:
             continue
-        if not bool((new.sum(dim=1)[rows] == per_unit).all()):
-            raise MaskInvariantError(f"{name}: rows {r0}..{r1} do not all hold k'={per_unit} weights after the update")
-        # nonzero() lists each row's columns in ascending order, per_unit of them per row.
-        cols = new[rows].nonzero()[:, 1].reshape(rows.numel(), per_unit)  # (n_rows_new, k')
-        old_position = _dense_rows(position[entries], indices[entries], local, r1 - r0, fan_in, -1)
-        source = old_position[rows[:, None], cols]  # (n_rows_new, k'); -1: regrown
-        n_grown += int((source < 0).sum())
+        local = active_rows[a0:a1] - r0  # (n,) block-local dense row of each condensed row
+        old_cols = indices[a0:a1].long()  # (n, k), ascending per row
+        kept = keep[a0:a1]  # (n, k)
+        if a1 - a0 == r1 - r0:  # every row of the block active: condensed row i is block row i
+            lifted = grow.scatter(1, old_cols, torch.where(kept, torch.inf, grow.gather(1, old_cols)))
+        else:
+            lifted = grow.index_put((local[:, None].expand(-1, k)[kept], old_cols[kept]), grow.new_tensor(torch.inf))
+        if rows.numel() < r1 - r0:
+            lifted = lifted[rows]  # (R, fan_in): ablated rows take no part
+        cols = _row_top(lifted, per_unit)  # (R, k') ascending
+        # Where each new entry was in the old values (kept, or dropped and chosen again), else -1.
+        old_of = torch.full((r1 - r0,), -1, dtype=torch.long, device=device)
+        old_of[local] = torch.arange(a0, a1, device=device)
+        entry = old_of[rows]  # (R,) old condensed row, -1: the neuron was ablated
+        had = entry >= 0
+        if bool(had.all()):
+            source, kept_found = _sources(old_cols, kept, entry - a0, cols, a0, k)
+        else:
+            source = torch.full_like(cols, -1)
+            source[had], kept_found = _sources(old_cols, kept, entry[had] - a0, cols[had], a0, k)
+        n_grown += int(torch.count_nonzero(source < 0))
+        n_kept_found += kept_found
         new_rows.append(rows + r0)
         new_indices.append(cols)
         sources.append(source)
+    if n_kept_found != int(torch.count_nonzero(keep)):
+        raise MaskInvariantError(f"{name}: {int(torch.count_nonzero(keep))} kept weights, {n_kept_found} in the new layout")
     if not new_rows:
         empty = torch.zeros(0, per_unit, dtype=torch.long, device=device)
         return torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0
     return torch.cat(new_rows), torch.cat(new_indices), torch.cat(sources), n_grown
+
+
+def _entries(active_rows: torch.Tensor, r0: int, r1: int) -> tuple[int, int]:
+    """Condensed rows ``[a0, a1)`` held by dense rows ``[r0, r1)`` (``active_rows`` is ascending)."""
+    bounds = torch.tensor([r0, r1], device=active_rows.device)
+    a0, a1 = torch.searchsorted(active_rows, bounds).tolist()
+    return a0, a1
+
+
+def _sources(old_cols: torch.Tensor, kept: torch.Tensor, at_rows: torch.Tensor, cols: torch.Tensor, a0: int,
+             k: int) -> tuple[torch.Tensor, int]:
+    """Flat positions in the old values of new entries ``cols`` ``(R, k')`` of old block rows
+    ``at_rows`` ``(R,)`` (-1 where a column was not active), and how many of them were kept."""
+    before = old_cols[at_rows]  # (R, k) the rows' old columns, ascending
+    at = torch.searchsorted(before, cols).clamp_(max=k - 1)  # (R, k')
+    found = before.gather(1, at) == cols
+    kept_found = int(torch.count_nonzero(found & kept[at_rows].gather(1, at)))
+    return torch.where(found, (at_rows[:, None] + a0) * k + at, -1), kept_found
+
+
+def _row_top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """``(R, n)`` ascending column positions of each row's ``n`` highest ``scores`` ``(R, fan_in)``,
+    ties at the ``n``-th score taken by lowest position (as :func:`srigl.structures.topk_mask`)."""
+    top = torch.topk(scores, n, dim=1, sorted=False)
+    nth = top.values.min(dim=1, keepdim=True).values  # (R, 1)
+    tied_rows = (torch.count_nonzero(scores >= nth, dim=1) > n).nonzero().squeeze(1)  # rows with ties at the n-th score
+    cols = top.indices
+    if tied_rows.numel():
+        # nonzero() lists a row's columns in ascending order, n of them per row.
+        cols[tied_rows] = topk_mask(scores[tied_rows], n, ConstantFanIn()).nonzero()[:, 1].view(-1, n)
+    return cols.sort(dim=1).values

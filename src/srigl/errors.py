@@ -69,3 +69,7 @@ class MaskError(SriglError, ValueError):
 
 class MissingDependencyError(SriglError, ImportError):
     """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
+class LayerTooLargeError(SriglError, MemoryError):
+    """A layer's storage would not fit the memory its device has free; the message gives both sizes."""

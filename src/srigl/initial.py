@@ -20,8 +20,9 @@ import math
 
 import torch
 
+from srigl.blockwise import rows_per_block
 from srigl.errors import InvalidConfigError
-from srigl.structures import Structure, topk_mask
+from srigl.structures import ConstantFanIn, Structure, topk_mask
 
 MASK_INITS = ("auto", "random", "magnitude", "nonzero")
 
@@ -64,6 +65,27 @@ def random_mask(n_rows: int, fan_in: int, n: int, structure: Structure, generato
     """``(n_rows, fan_in)`` bool mask: top-``n`` of uniform noise per unit of ``structure``."""
     noise = torch.rand(n_rows, fan_in, generator=generator)  # (out, fan_in)
     return topk_mask(noise, n, structure)
+
+
+def random_layout(
+    n_rows: int, fan_in: int, n: int, generator: torch.Generator, *, dtype: torch.dtype = torch.int64,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """The columns :func:`random_mask` keeps under ``ConstantFanIn``, without its dense tensors.
+
+    ``(n_rows, n)`` of ``dtype``, ascending along each row. The noise is drawn ``block_rows`` rows at
+    a time (default: :func:`srigl.blockwise.rows_per_block`): consecutive draws from one generator
+    are the rows of a single whole draw, so the layout equals the dense mask's while at most one
+    ``(block_rows, fan_in)`` block of noise exists -- what lets a 670k-output layer start compact.
+    """
+    block_rows = rows_per_block(fan_in) if block_rows is None else block_rows
+    layout = torch.empty(n_rows, n, dtype=dtype)
+    for r0 in range(0, n_rows, block_rows):
+        r1 = min(r0 + block_rows, n_rows)
+        noise = torch.rand(r1 - r0, fan_in, generator=generator)  # (B, fan_in): rows [r0, r1) of one draw
+        keep = topk_mask(noise, n, ConstantFanIn())
+        layout[r0:r1] = keep.nonzero()[:, 1].view(r1 - r0, n)  # nonzero() lists a row's columns ascending
+    return layout
 
 
 def magnitude_mask(weight: torch.Tensor, n: int, structure: Structure) -> torch.Tensor:

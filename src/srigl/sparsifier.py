@@ -266,8 +266,15 @@ class Sparsifier:
                     f"({density * fan_in:.3g} weights per neuron); lower the sparsity or keep it dense"
                 )
             budget = self.structure.units(n_rows, fan_in) * n
-            how = self._mask_init_for(param, budget)
-            planned.append((c, module, param, self._initial_mask(param, n, c.name, how), budget, how))
+            if param.is_meta:  # no values to read: draw the compact layout (out, k) directly
+                from srigl.kernels.checks import index_dtype_for
+
+                how = self._check_meta(c, module, n)
+                first = initial.random_layout(n_rows, fan_in, n, self.generator, dtype=index_dtype_for(fan_in))
+            else:
+                how = self._mask_init_for(param, budget)
+                first = self._initial_mask(param, n, c.name, how)
+            planned.append((c, module, param, first, budget, how))
         adopted = [c.name for c, *_, how in planned if how == "nonzero" and self.mask_init == "auto"]
         if adopted:
             warnings.warn(
@@ -285,12 +292,42 @@ class Sparsifier:
                 and not c.is_output
                 and not any(fnmatch.fnmatchcase(c.name, p) for p in self.no_ablation)
             )
+            if param.is_meta:
+                layers.append(self._from_meta(c, mask, sparsities[c.name], budget, ablate))
+                continue
             layer = MaskedParam(c.name, module, c.param_name, mask, sparsities[c.name], budget, ablate, self.optimizer)
             if how == "random" and self.sparse_init:
                 with torch.no_grad():
                     initial.rescale_to_sparse_fan_in(param, mask)
             layers.append(layer)
         return layers
+
+    def _check_meta(self, c: Candidate, module: nn.Module, fan_in: int) -> str:
+        """How a tensor on the ``meta`` device starts: compact, from a random layout (it has no values)."""
+        if self.storage != "compact" or self.mask_init not in ("auto", "random"):
+            raise InvalidConfigError(
+                f"{c.name} {tuple(c.shape)} lives on the meta device (no values): it can only start compact from "
+                f"a random layout (compact=True, mask_init='random' or 'auto'); got storage={self.storage!r}, "
+                f"mask_init={self.mask_init!r}"
+            )
+        from srigl.storage import compact as compact_storage
+
+        parent = self.model.get_submodule(c.module_name.rpartition(".")[0]) if c.module_name else None
+        compact_storage.check_meta(c.name, module, parent, self.compact_types, fan_in, self._materialise_on())
+        return "random"
+
+    def _materialise_on(self) -> torch.device:
+        """Where meta-device layers are created: beside the model's other parameters (else the CPU)."""
+        return next((p.device for p in self.model.parameters() if not p.is_meta), torch.device("cpu"))
+
+    def _from_meta(self, c: Candidate, layout: torch.Tensor, sparsity: float, budget: int, ablate: bool):
+        """The compact tensor of a meta-device layer (:func:`srigl.storage.compact.from_meta`)."""
+        from srigl.storage import compact as compact_storage
+
+        return compact_storage.from_meta(
+            self.model, c.module_name, layout, name=c.name, sparsity=sparsity, budget=budget, ablate=ablate,
+            optimizer=self.optimizer, sparse_init=self.sparse_init, device=self._materialise_on(),
+        )
 
     def _mask_init_for(self, param: nn.Parameter, budget: int) -> str:
         """:attr:`mask_init`, with ``"auto"`` resolved for this tensor."""
@@ -514,8 +551,15 @@ class Sparsifier:
         layout = layer.layout()
         generator_state = self.generator.get_state()
 
+        # A grow score marked as reading only the weight's shape (RigL's, SET's) gets a zero-stride
+        # stand-in instead of the block's dense weight; an override elsewhere is given the real one.
+        reads_weight = getattr(type(self).grow_scores, "reads_weight", True)
+
         def grow_block(r0: int, r1: int) -> torch.Tensor:
-            weight = layer.weight_rows(r0, r1)  # (r1 - r0, fan_in)
+            if reads_weight:
+                weight = layer.weight_rows(r0, r1)  # (r1 - r0, fan_in)
+            else:
+                weight = layout.values.new_zeros(()).expand(r1 - r0, layer.fan_in)  # (r1 - r0, fan_in), no memory
             # Averaged over ranks block by block (same order everywhere), like the whole gradient.
             grad = distributed.mean_(layer.grad_rows(r0, r1)) if self.needs_dense_grad else None
             return self.grow_scores(weight, grad)

@@ -226,18 +226,25 @@ class CondensedLinear(_CondensedLayer):
         """Condense ``linear`` under ``mask`` (default: its ``weight_mask`` buffer, else ``weight != 0``)."""
         mask, _ = _mask_of(linear, mask)
         condensed = condense_tensor(linear.weight, mask, name=name)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            condensed.fan_in,
-            condensed.active_rows.numel(),
-            bias=linear.bias is not None,
-            index_dtype=condensed.indices.dtype,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+        layer = cls.empty_like(linear, condensed.fan_in, condensed.active_rows.numel(), index_dtype=condensed.indices.dtype)
         layer._fill(condensed, linear.bias)
         return layer
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, fan_in: int, n_active: int, *, index_dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> "CondensedLinear":
+        """A zero-filled twin of ``linear``'s shape holding ``n_active`` rows of ``fan_in`` weights, on
+        ``device`` (default: ``linear``'s own; ``linear`` may live on the ``meta`` device)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            fan_in,
+            n_active,
+            bias=linear.bias is not None,
+            index_dtype=index_dtype,
+            device=linear.weight.device if device is None else device,
+            dtype=linear.weight.dtype,
+        )
 
     def to_dense(self) -> nn.Linear:
         """The equivalent masked ``nn.Linear`` (a new module)."""
@@ -390,24 +397,31 @@ class CondensedConv2d(_CondensedLayer):
         """Condense ``conv`` under ``mask`` (default: its ``weight_mask`` buffer, else ``weight != 0``)."""
         mask, _ = _mask_of(conv, mask)
         condensed = condense_tensor(conv.weight, mask, name=name)
-        layer = cls(
+        layer = cls.empty_like(conv, condensed.fan_in, condensed.active_rows.numel(), index_dtype=condensed.indices.dtype)
+        layer._fill(condensed, conv.bias)
+        return layer
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, fan_in: int, n_active: int, *, index_dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> "CondensedConv2d":
+        """A zero-filled twin of ``conv``'s shape holding ``n_active`` rows of ``fan_in`` weights, on
+        ``device`` (default: ``conv``'s own; ``conv`` may live on the ``meta`` device)."""
+        return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
-            condensed.fan_in,
-            condensed.active_rows.numel(),
+            fan_in,
+            n_active,
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
-            index_dtype=condensed.indices.dtype,
-            device=conv.weight.device,
+            index_dtype=index_dtype,
+            device=conv.weight.device if device is None else device,
             dtype=conv.weight.dtype,
         )
-        layer._fill(condensed, conv.bias)
-        return layer
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked ``nn.Conv2d`` (a new module)."""

@@ -35,9 +35,17 @@ import torch
 from torch import nn
 
 from srigl import blockwise, distributed
-from srigl.condensed import CondensedLinear, CondensedTensor, condense_tensor
-from srigl.condensed.twins import _HOLDER, _SPARSE_TENSORS, COMPACT_TWINS, _convert, _unit_of, _why_not_compact
-from srigl.errors import InvalidConfigError
+from srigl.condensed import CondensedConv2d, CondensedLinear, CondensedTensor, condense_tensor
+from srigl.condensed.twins import (
+    _HOLDER,
+    _SPARSE_TENSORS,
+    COMPACT_TWINS,
+    _convert,
+    _resize_to_incoming,
+    _unit_of,
+    _why_not_compact,
+)
+from srigl.errors import InvalidConfigError, LayerTooLargeError
 from srigl.storage import grad_was_reset
 from srigl.storage.masked import MaskedParam
 
@@ -385,6 +393,8 @@ def make_compact(
     modules = dict(model.named_modules())
     units: dict[str, dict[str, MaskedParam]] = {}  # module to swap -> {local tensor name: tensor}
     for p in params:
+        if isinstance(p, CompactParam):  # started compact (from the meta device)
+            continue
         unit, local = _unit_of(p.name, modules)
         units.setdefault(unit, {})[local] = p
     reasons: dict[str, str] = {}
@@ -411,3 +421,96 @@ def make_compact(
             compact[p.name] = CompactParam(p.name, holder, p.shape, p.sparsity, p.budget, p.ablate, p.optimizer)
         model.set_submodule(unit, twin)
     return [compact.get(p.name, p) for p in params], reasons
+
+
+def check_meta(name: str, module: nn.Module, parent: nn.Module | None, types: tuple[type[nn.Module], ...],
+               fan_in: int, device: torch.device) -> None:
+    """Refuse a tensor on the ``meta`` device that cannot start compact at ``fan_in`` on ``device``,
+    with the reason (before its first layout is drawn)."""
+    reason = _why_not_compact(module, parent, types)
+    if reason is None and type(module) not in (nn.Linear, nn.Conv2d):
+        reason = f"{type(module).__name__} cannot be drawn from the meta device (only nn.Linear and nn.Conv2d can)"
+    if reason is not None:
+        raise InvalidConfigError(
+            f"{name} lives on the meta device and cannot start compact ({reason}): materialise it first "
+            "(module.to_empty(device='cpu'); module.reset_parameters())"
+        )
+    from srigl.kernels.checks import index_dtype_for
+
+    shape = tuple(module.weight.shape)
+    _check_fits(name, shape, fan_in, module.weight.dtype, index_dtype_for(math.prod(shape[1:])), device)
+
+
+def from_meta(
+    model: nn.Module, unit: str, layout: torch.Tensor, *, name: str, sparsity: float, budget: int, ablate: bool,
+    optimizer: torch.optim.Optimizer, sparse_init: bool, device: torch.device,
+) -> CompactParam:
+    """Create the compact twin of a ``meta``-device ``nn.Linear`` / ``nn.Conv2d`` directly: only its
+    ``(out, k)`` values and indices (and a dense bias) are ever allocated, on ``device``.
+
+    The values are drawn as the layer's own ``reset_parameters`` would draw its weights (Kaiming
+    uniform, bound ``1 / sqrt(fan_in)``, from torch's global generator) and, with ``sparse_init``,
+    rescaled to the sparse fan-in (bound ``1 / sqrt(k)``) as :func:`srigl.initial.rescale_to_sparse_fan_in`
+    does for a dense layer; the bias as ``reset_parameters`` draws it. The optimizer is given the
+    new Parameters where it held the meta ones.
+
+    Args:
+        model: the model holding the layer at ``unit``.
+        layout: ``(out, k)`` ascending fan-in positions of every neuron
+            (:func:`srigl.initial.random_layout`).
+    """
+    module = model.get_submodule(unit)
+    n_rows, k = layout.shape
+    fan_in = math.prod(module.weight.shape[1:])
+    twin_type = CondensedConv2d if isinstance(module, nn.Conv2d) else CondensedLinear
+    twin = twin_type.empty_like(module, k, n_rows, index_dtype=layout.dtype, device=device)
+    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear / nn.Conv2d: kaiming_uniform_(a=sqrt(5)) gives 1 / sqrt(fan_in)
+    value_bound = bound * math.sqrt(fan_in / k) if sparse_init else bound  # = 1 / sqrt(k) when rescaled
+    with torch.no_grad():
+        twin.indices.copy_(layout)
+        twin.values.uniform_(-value_bound, value_bound)
+        if twin.bias is not None:
+            twin.bias.uniform_(-bound, bound)
+            twin.bias.requires_grad_(module.bias.requires_grad)
+    twin.values.requires_grad_(module.weight.requires_grad)
+    twin.register_load_state_dict_pre_hook(_resize_to_incoming)
+    # A meta Parameter cannot have been stepped: whatever state it has holds no values.
+    swap_in_optimizer(optimizer, module.weight, twin.values, lambda _: torch.zeros_like(twin.values))
+    if module.bias is not None:
+        swap_in_optimizer(optimizer, module.bias, twin.bias, lambda _: torch.zeros_like(twin.bias))
+    model.set_submodule(unit, twin)
+    return CompactParam(name, twin, tuple(module.weight.shape), sparsity, budget, ablate, optimizer)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CUDA: the driver's count; CPU: ``MemAvailable`` of
+    ``/proc/meminfo``), or None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(name: str, shape: tuple[int, ...], k: int, dtype: torch.dtype, index_dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Refuse, before allocating, a compact layer whose values, indices and values' gradient (what
+    one training step cannot do without) exceed what ``device`` has free."""
+    n_rows = shape[0]
+    value_bytes = n_rows * k * dtype.itemsize
+    need = 2 * value_bytes + n_rows * k * index_dtype.itemsize
+    free = available_bytes(device)
+    if free is not None and need > free:
+        gb = 1e9
+        raise LayerTooLargeError(
+            f"{name} {shape} at fan-in {k} needs {need / gb:.2f} GB on {device} for its values, indices and "
+            f"gradient ({n_rows} x {k} entries; Adam adds {2 * value_bytes / gb:.2f} GB of state) but only "
+            f"{free / gb:.2f} GB are free: lower the fan-in (raise the sparsity) or use a device with more memory"
+        )
