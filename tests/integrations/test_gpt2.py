@@ -10,11 +10,12 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 import srigl
 from srigl.condensed import CondensedLinear
+from srigl.integrations.huggingface import SPARSIFIER_FILE, SparsityCallback
 
 VOCAB, SEQ = 100, 12
 
@@ -117,3 +118,23 @@ def test_checkpoint_round_trip_resumes_the_same_masks_and_weights(tmp_path):
         assert torch.equal(mask, resumed_sparsifier.masks()[name]), name
     for name, param in model.named_parameters():
         torch.testing.assert_close(resumed.get_parameter(name), param, rtol=0, atol=0, msg=name)
+
+
+def test_trainer_with_the_callback_sparsifies_gpt2_per_output_neuron(tmp_path):
+    """The README's Hugging Face route on a GPT-2 (it used to find no sparsifiable tensor)."""
+    model = tiny_gpt2()
+    generator = torch.Generator().manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (8, SEQ), generator=generator)]
+    callback = SparsityCallback("srigl", 0.8, delta=1, gamma_sal=0.6)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, save_steps=4, learning_rate=3e-3,
+        report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True, seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    sparsifier = callback.sparsifier
+    assert sparsifier.step_count == 4 and sparsifier.last_update["step"] == 2  # t_end = 3
+    assert set(conv1d_weights(model)) <= set(sparsifier.masks())
+    for name in conv1d_weights(model):
+        per_output = sparsifier.masks()[name].sum(dim=0)  # (out,)
+        assert per_output[per_output > 0].unique().numel() == 1, name
+    assert (tmp_path / "checkpoint-4" / SPARSIFIER_FILE).is_file()
