@@ -16,7 +16,6 @@ and ``"random"`` otherwise):
 
 from __future__ import annotations
 
-
 import torch
 
 from srigl.errors import InvalidConfigError

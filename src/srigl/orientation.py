@@ -31,7 +31,8 @@ def qualnames(cls: type) -> set[str]:
 
 
 def stores_transposed(module: nn.Module, param_name: str = "weight") -> bool:
-    """Whether ``module.<param_name>`` is a 2-D weight stored ``(fan_in, out)`` (see :data:`TRANSPOSED_WEIGHT_TYPES`)."""
+    """Whether ``module.<param_name>`` is a 2-D weight stored ``(fan_in, out)``
+    (see :data:`TRANSPOSED_WEIGHT_TYPES`)."""
     param = getattr(module, param_name, None)
     return (
         param_name == "weight"

@@ -112,7 +112,8 @@ def test_checkpoint_round_trip_resumes_the_same_masks_and_weights(tmp_path):
 
     resumed = tiny_gpt2(seed=3)
     resumed_sparsifier, resumed_optimizer = build(resumed)
-    srigl.restore_training_state(srigl.load_checkpoint(tmp_path / "ckpt.pt"), resumed, resumed_optimizer, resumed_sparsifier)
+    state = srigl.load_checkpoint(tmp_path / "ckpt.pt")
+    srigl.restore_training_state(state, resumed, resumed_optimizer, resumed_sparsifier)
     train(resumed, resumed_sparsifier, resumed_optimizer, 6, seed=2)
     for name, mask in sparsifier.masks().items():
         assert torch.equal(mask, resumed_sparsifier.masks()[name]), name

@@ -99,7 +99,9 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def _linearize_transposed(model: nn.Module, masks_by_param: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, str]]:
+def _linearize_transposed(
+    model: nn.Module, masks_by_param: dict[str, torch.Tensor]
+) -> tuple[nn.Module, dict[str, str]]:
     """Swap every masked layer stored ``(in, out)`` that will be condensed for its ``nn.Linear``
     (:func:`_as_linear`), with its mask transposed in ``masks_by_param``; from here on it is condensed
     (and its ablated neurons removed) as any Linear. Returns the model (the root may be swapped) and
