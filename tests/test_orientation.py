@@ -198,6 +198,7 @@ def test_condense_turns_conv1d_into_condensed_linear_with_equal_outputs():
     assert isinstance(condensed[0], srigl.condensed.CondensedLinear)
     assert isinstance(condensed[2], srigl.condensed.CondensedLinear)
     assert report["layers"]["0"]["converted_from"] == "Conv1D"
+    assert report["layers"]["2"]["shape_before"] == [24, 20]  # as stored, (in, out)
     # fx traces this model: ablated neurons of layer 0 are removed with layer 2's matching inputs.
     assert report["layers"]["0"]["removed_neurons"] == int((sp.masks()["0.weight"].sum(dim=0) == 0).sum())
     with torch.no_grad():

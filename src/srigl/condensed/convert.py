@@ -101,12 +101,14 @@ def _as_linear(module: nn.Module) -> nn.Linear:
 
 def _linearize_transposed(
     model: nn.Module, masks_by_param: dict[str, torch.Tensor]
-) -> tuple[nn.Module, dict[str, str]]:
+) -> tuple[nn.Module, dict[str, str], dict[str, tuple[str, list[int]]]]:
     """Swap every masked layer stored ``(in, out)`` that will be condensed for its ``nn.Linear``
     (:func:`_as_linear`), with its mask transposed in ``masks_by_param``; from here on it is condensed
     (and its ablated neurons removed) as any Linear. Returns the model (the root may be swapped) and
-    ``{module name: why it stays as it is}`` for the others."""
+    ``{module name: why it stays as it is}`` for the others, and ``{module name: (type name, stored
+    shape)}`` for those swapped."""
     kept: dict[str, str] = {}
+    swapped: dict[str, tuple[str, list[int]]] = {}
     for name, module in list(model.named_modules()):
         fqn = _fqn(name, "weight")
         if fqn not in masks_by_param or not stores_transposed(module):
@@ -117,12 +119,13 @@ def _linearize_transposed(
             kept[name] = plan.reason
             continue
         masks_by_param[fqn] = mask.contiguous()
+        swapped[name] = (type(module).__name__, list(module.weight.shape))
         linear = _as_linear(module)
         if name:
             model.set_submodule(name, linear)
         else:
             model = linear
-    return model, kept
+    return model, kept, swapped
 
 
 def _n_params(module: nn.Module) -> int:
@@ -166,7 +169,9 @@ def condense(
         ``(condensed_model, report)``. ``report["layers"]`` maps each module name to ``kind``,
         ``reason`` (dense layers), ``shape_before``/``shape_after``, ``fan_in``, ``active_neurons``,
         ``ablated_neurons`` (still present), ``removed_neurons``, ``padded_weights``,
-        ``params_before``/``params_after``; ``report["removals"]`` lists each cross-layer removal.
+        ``params_before``/``params_after``, and ``converted_from`` for a ``Conv1D`` condensed as a
+        Linear (its ``shape_before`` as stored, ``(in, out)``); ``report["removals"]`` lists each
+        cross-layer removal.
 
     Raises:
         MaskError: a mask names an unknown tensor, has the wrong shape or dtype, or the weight is
@@ -174,8 +179,7 @@ def condense(
     """
     condensed_model = model if inplace else copy.deepcopy(model)
     masks_by_param, source, notes = _collect_masks(condensed_model, masks)
-    kinds_before = {name: type(module).__name__ for name, module in condensed_model.named_modules()}
-    condensed_model, transposed_kept = _linearize_transposed(condensed_model, masks_by_param)
+    condensed_model, transposed_kept, transposed = _linearize_transposed(condensed_model, masks_by_param)
     report: dict[str, Any] = {
         "mask_source": source,
         "notes": notes,
@@ -245,9 +249,9 @@ def condense(
         }
         if layer.reason is not None:
             entry["reason"] = layer.reason
-        if kinds_before.get(name) != type(layer.module).__name__:
-            # A Conv1D: shapes above are of the nn.Linear it became ((out, in), its weight transposed).
-            entry["converted_from"] = kinds_before.get(name)
+        if name in transposed:
+            # A Conv1D: shape_before as stored, (in, out); shape_after is of the Linear it became, (out, in).
+            entry["converted_from"], entry["shape_before"] = transposed[name]
         if n_ablated and layer.kept_ablated_reason is not None:
             entry["ablated_kept_because"] = layer.kept_ablated_reason
         report["layers"][name] = entry
