@@ -95,8 +95,10 @@ class MaskedParam:
         return self.view.fan_in
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.view.rows(self.param.detach())  # (out, fan_in), a view
-        return weight, self.view.rows(self.live_mask).clone()  # (out, fan_in), a copy
+        # Row-major: a transposed view is copied once here rather than read column-strided by every
+        # top-k and row reduction of the update.
+        weight = self.view.rows(self.param.detach()).contiguous()  # (out, fan_in), a view unless transposed
+        return weight, self.view.rows(self.live_mask).clone(memory_format=torch.contiguous_format)  # (out, fan_in)
 
     def fan_in_counts(self) -> torch.Tensor:
         return self.view.rows(self.live_mask).sum(dim=1)  # (out,)
@@ -119,7 +121,7 @@ class MaskedParam:
         if self._grad_sum is None:  # unused in this step's forward: zero gradient
             return torch.zeros(self.n_rows, self.fan_in, dtype=self.param.dtype, device=self.param.device)
         grad, self._grad_sum = self._grad_sum, None
-        return self.view.rows(grad)  # (out, fan_in)
+        return self.view.rows(grad).contiguous()  # (out, fan_in), row-major
 
     def grads_finite(self) -> bool:
         return self._grad_sum is None or bool(torch.isfinite(self._grad_sum).all())
