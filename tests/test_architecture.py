@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # The core: what `import srigl` loads. It may import the standard library, torch and itself only.
 CORE = {
     "srigl", "srigl.ablation", "srigl.algorithms", "srigl.blockwise", "srigl.distributed", "srigl.distributions", "srigl.errors",
-    "srigl.initial", "srigl.masks", "srigl.schedules", "srigl.selection", "srigl.sparsifier", "srigl.storage",
+    "srigl.initial", "srigl.masks", "srigl.orientation", "srigl.schedules", "srigl.selection", "srigl.sparsifier", "srigl.storage",
     "srigl.storage.masked", "srigl.structures", "srigl.summary", "srigl.state", "srigl.guards",
 }
 

@@ -69,15 +69,16 @@ def _not_in_optimizer():
     srigl.RigL(model, torch.optim.SGD(model[0].parameters(), lr=0.1), sparsity=0.5, total_steps=100)
 
 
-def _transposed_weight_type():
-    # A stand-in for transformers.pytorch_utils.Conv1D (weight stored (fan_in, out)): the policy
-    # registry keys on the qualified class name, so this needs no transformers install.
+def _transposed_weight_type_compact():
+    # A stand-in for transformers.pytorch_utils.Conv1D (weight stored (fan_in, out)): srigl knows it
+    # by its qualified class name, so this needs no transformers install. Masked storage trains it;
+    # compact storage has no twin for it.
     conv1d = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})
     layer = conv1d()
     layer.weight = nn.Parameter(torch.zeros(8, 24))  # (fan_in, out)
     model = nn.Sequential(layer)
-    policy = srigl.SparsityPolicy(types=(nn.Linear, conv1d))
-    srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=100, policy=policy)
+    srigl.SRigL(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=100,
+                compact=True, compact_types=(nn.Linear, conv1d))
 
 
 def _no_sparsifiable_layer():
@@ -402,9 +403,9 @@ class Case:
 
 
 CASES = [
-    Case("HF `Conv1D` (weight stored `(in, out)`) added to `SparsityPolicy.types`",
-         "refused at construction (fan-in would be kept along the wrong axis)", _transposed_weight_type,
-         InvalidConfigError, r"'0' is a transformers.pytorch_utils.Conv1D whose weight \(8, 24\) is stored \(fan_in, out\)"),
+    Case("HF `Conv1D` (weight stored `(in, out)`) named in `compact_types`",
+         "refused at construction (it has no compact twin; masked storage trains it)", _transposed_weight_type_compact,
+         InvalidConfigError, r"compact_types \['Conv1D'\]: a weight stored \(in, out\) .* trains masked-dense"),
     *[
         Case(f"`sparsity={s}`", "refused at construction", lambda s=s: make(sparsity=s), InvalidSparsityError,
              rf"sparsity must be in \[0, 1\), got {re.escape(str(float(s)))}")

@@ -16,12 +16,11 @@ and ``"random"`` otherwise):
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from srigl.blockwise import rows_per_block
 from srigl.errors import InvalidConfigError
+from srigl.orientation import WeightView
 from srigl.structures import ConstantFanIn, Structure, topk_mask
 
 MASK_INITS = ("auto", "random", "magnitude", "nonzero")
@@ -119,7 +118,7 @@ def nonzero_mask(weight: torch.Tensor, structure: Structure, n: int, name: str) 
 
 
 @torch.no_grad()
-def rescale_to_sparse_fan_in(weight: torch.Tensor, mask: torch.Tensor) -> None:
+def rescale_to_sparse_fan_in(weight: torch.Tensor, mask: torch.Tensor, view: WeightView | None = None) -> None:
     """Scale each neuron's weights in place by ``sqrt(dense fan-in / active fan-in)``.
 
     Standard initialisations draw with a standard deviation proportional to ``1 / sqrt(fan_in)``
@@ -131,9 +130,11 @@ def rescale_to_sparse_fan_in(weight: torch.Tensor, mask: torch.Tensor) -> None:
     Args:
         weight: the parameter, any shape ``(out, ...)``; modified in place.
         mask: bool mask shaped like ``weight``.
+        view: how ``weight`` reads as ``(out, fan_in)`` (default: rows along its first dimension;
+            a Conv1D's neurons are its columns).
     """
-    rows = weight.shape[0]
-    fan_in = math.prod(weight.shape[1:])
-    counts = mask.reshape(rows, -1).sum(dim=1)  # (out, fan_in) -> (out,)
-    scale = torch.sqrt(fan_in / counts.clamp(min=1).to(weight.dtype))  # (out,)
-    weight.view(rows, -1).mul_(scale[:, None])  # (out, fan_in), a view: scales the parameter in place
+    view = view or WeightView(tuple(weight.shape))
+    counts = view.rows(mask).sum(dim=1)  # (out, fan_in) -> (out,)
+    scale = torch.sqrt(view.fan_in / counts.clamp(min=1).to(weight.dtype))  # (out,)
+    factor = view.stored(scale[:, None].expand(view.rows_shape))  # (out, fan_in) -> stored layout
+    weight.mul_(factor)  # in place, whatever the layout

@@ -8,21 +8,28 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from srigl.errors import InvalidConfigError
+from srigl.orientation import TRANSPOSED_WEIGHT_TYPES, WeightView, qualnames, stores_transposed
 
 # Module types whose 2-D+ weights are sparsified by default. Linear subclasses (e.g. the
 # out_proj of nn.MultiheadAttention) are matched through isinstance.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
-# Module types (by "module.qualname", so the core never imports their library) that store their
-# weight transposed, as (fan_in, out): Hugging Face GPT-2's Conv1D computes y = x @ W + b. The
-# engine reads every weight as (out, fan_in), so sparsifying one would put the constant fan-in
-# along the wrong axis and ablate inputs; select() refuses them until a transposed layout exists.
-TRANSPOSED_WEIGHT_TYPES: frozenset[str] = frozenset({"transformers.pytorch_utils.Conv1D"})
+# Types of libraries the core does not import, by "module.qualname": Hugging Face GPT-2's Conv1D
+# (weight stored (in, out), read through srigl.orientation's transposed view).
+DEFAULT_TYPE_NAMES: tuple[str, ...] = tuple(sorted(TRANSPOSED_WEIGHT_TYPES))
 
 
-def _qualname(module: nn.Module) -> str:
-    cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}"
+def matches_type(module: nn.Module, types: tuple[type[nn.Module] | str, ...]) -> bool:
+    """Whether ``module`` is an instance of one of ``types`` (classes, or ``"module.qualname"`` strings
+    matched against its class and base classes)."""
+    classes = tuple(t for t in types if isinstance(t, type))
+    names = {t for t in types if isinstance(t, str)}
+    return isinstance(module, classes) or bool(names and names & qualnames(type(module)))
+
+
+def type_name(t: type[nn.Module] | str) -> str:
+    """A policy type's short name for messages (``"Linear"``, ``"Conv1D"``)."""
+    return t.__name__ if isinstance(t, type) else t.rpartition(".")[2]
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,9 @@ class SparsityPolicy:
     """Selects the tensors to sparsify.
 
     Attributes:
-        types: module types whose weights may be sparsified.
+        types: module types whose weights may be sparsified: classes, or ``"module.qualname"``
+            strings for types of libraries srigl does not import (Hugging Face's
+            ``"transformers.pytorch_utils.Conv1D"``, whose weight is read transposed).
         include: if non-empty, only parameter FQNs matching one of these fnmatch patterns.
         exclude: parameter FQNs matching any of these fnmatch patterns stay dense.
         dense_first: keep the first eligible layer (in module order) dense.
@@ -38,7 +47,7 @@ class SparsityPolicy:
         min_ndim: tensors with fewer dimensions (biases, norms) stay dense.
     """
 
-    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
+    types: tuple[type[nn.Module] | str, ...] = DEFAULT_TYPES + DEFAULT_TYPE_NAMES
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dense_first: bool = False
@@ -57,6 +66,13 @@ class Candidate:
     sparse: bool
     reason: str
     is_output: bool = field(default=False)
+    #: The weight is stored ``(fan_in, out)`` (Hugging Face ``Conv1D``); see :mod:`srigl.orientation`.
+    transposed: bool = field(default=False)
+
+    @property
+    def view(self) -> WeightView:
+        """How the engine reads this tensor as ``(out, fan_in)``."""
+        return WeightView(self.shape, self.transposed)
 
 
 def _weight_params(module: nn.Module) -> list[str]:
@@ -123,23 +139,15 @@ def select(model: nn.Module, policy: SparsityPolicy, output: str | None = None) 
 
     Returns:
         One :class:`Candidate` per parameter (in module order); ``sparse`` says whether it is selected.
-        The output layer's weight is flagged ``is_output`` (the classifier, never ablated).
+        The output layer's weight is flagged ``is_output`` (the classifier, never ablated), and a
+        weight stored ``(fan_in, out)`` is flagged ``transposed``.
 
     Raises:
-        InvalidConfigError: ``output`` names no parameter of ``model``, or ``policy.types`` admits a
-            module that stores its weight transposed (see ``TRANSPOSED_WEIGHT_TYPES``).
+        InvalidConfigError: ``output`` names no parameter of ``model``.
     """
     eligible: list[tuple[str, str, nn.Module]] = []  # (module_name, param_name, module)
     for module_name, module in model.named_modules():
-        if isinstance(module, policy.types):
-            if _qualname(module) in TRANSPOSED_WEIGHT_TYPES:
-                shape = tuple(module.weight.shape)
-                raise InvalidConfigError(
-                    f"{module_name!r} is a {_qualname(module)} whose weight {shape} is stored (fan_in, out) = "
-                    f"({shape[0]}, {shape[1]}); srigl reads weights as (out, fan_in), so it would keep a constant "
-                    "fan-in along the wrong axis and ablate inputs. Remove its type from SparsityPolicy.types "
-                    "(transposed layouts are not supported yet)"
-                )
+        if matches_type(module, policy.types):
             for param_name in _weight_params(module):
                 if getattr(module, param_name).dim() >= policy.min_ndim:
                     eligible.append((module_name, param_name, module))
@@ -165,7 +173,7 @@ def select(model: nn.Module, policy: SparsityPolicy, output: str | None = None) 
             owner = model.get_submodule(module_name) if module_name else model
             if param.dim() < policy.min_ndim:
                 reason = f"ndim {param.dim()} < {policy.min_ndim} (bias or norm)"
-            elif not isinstance(owner, policy.types):
+            elif not matches_type(owner, policy.types):
                 reason = f"type {type(owner).__name__} not in sparse types"
             else:
                 reason = "not a weight"
@@ -181,5 +189,9 @@ def select(model: nn.Module, policy: SparsityPolicy, output: str | None = None) 
             reason, sparse = "first layer kept dense (dense_first=True)", False
         elif policy.dense_last and name == last:
             reason, sparse = "output layer kept dense (dense_last=True)", False
-        decisions.append(Candidate(name, module_name, param_name, shape, sparse, reason, is_output=name == last))
+        owner = model.get_submodule(module_name) if module_name else model
+        decisions.append(Candidate(
+            name, module_name, param_name, shape, sparse, reason, is_output=name == last,
+            transposed=stores_transposed(owner, param_name),
+        ))
     return decisions

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
-import math
 import operator
 import warnings
 from typing import Any, Callable, Mapping
@@ -24,6 +23,7 @@ from torch import nn
 
 from srigl import ablation, blockwise, distributed, guards, initial, masks, state
 from srigl.distributions import layer_sparsities
+from srigl.orientation import WeightView
 from srigl.errors import (
     FanInTooSmallError,
     InvalidConfigError,
@@ -35,7 +35,7 @@ from srigl.errors import (
     StepOrderError,
 )
 from srigl.schedules import CosineDrop
-from srigl.selection import Candidate, SparsityPolicy, select
+from srigl.selection import Candidate, SparsityPolicy, select, type_name
 from srigl.storage import SparseParam
 from srigl.storage.masked import MaskedParam
 from srigl.structures import Structure, Unstructured, topk_mask
@@ -135,7 +135,7 @@ class Sparsifier:
         if not chosen:
             raise NoSparsifiableLayerError(
                 f"no tensor of {type(self.model).__name__} was selected for sparsification "
-                f"({len(self.decisions)} parameters looked at; types {[t.__name__ for t in self.policy.types]})"
+                f"({len(self.decisions)} parameters looked at; types {[type_name(t) for t in self.policy.types]})"
             )
         self._check_in_optimizer(chosen)
         guards.check_unclaimed(self, [c.name for c in chosen])
@@ -233,12 +233,14 @@ class Sparsifier:
             )
 
     def _init_layers(self, chosen: list[Candidate]) -> list[MaskedParam]:
+        # ERK reads the stored shapes (a conv's kernel dims count; a 2-D ratio is the same transposed);
+        # every size below is of the engine's (out, fan_in) view.
         shapes = {c.name: c.shape for c in chosen}
         fixed = self.structure.fixed_density()
         if fixed is not None:  # N:M: the structure fixes the density
             sparsities = {n: 1.0 - fixed for n in shapes}
         else:
-            min_density = {c.name: self.structure.min_density(c.shape[0], math.prod(c.shape[1:])) for c in chosen}
+            min_density = {c.name: self.structure.min_density(*c.view.rows_shape) for c in chosen}
             sparsities = layer_sparsities(
                 shapes, self.target_sparsity, self.distribution, min_density, erk_power=self.erk_power
             )
@@ -256,7 +258,7 @@ class Sparsifier:
         for c in (c for c in chosen if c.name not in kept_dense):
             module = self.model.get_submodule(c.module_name) if c.module_name else self.model
             param = getattr(module, c.param_name)
-            n_rows, fan_in = c.shape[0], math.prod(c.shape[1:])
+            n_rows, fan_in = c.view.rows_shape
             self.structure.check_shape(n_rows, fan_in, c.name)
             density = 1.0 - sparsities[c.name]
             n = self.structure.n_per_unit(density, n_rows, fan_in)
@@ -273,7 +275,7 @@ class Sparsifier:
                 first = initial.random_layout(n_rows, fan_in, n, self.generator, dtype=index_dtype_for(fan_in))
             else:
                 how = self._mask_init_for(param, budget)
-                first = self._initial_mask(param, n, c.name, how)
+                first = self._initial_mask(param, c.view, n, c.name, how)
             planned.append((c, module, param, first, budget, how))
         adopted = [c.name for c, *_, how in planned if how == "nonzero" and self.mask_init == "auto"]
         if adopted:
@@ -295,10 +297,13 @@ class Sparsifier:
             if param.is_meta:
                 layers.append(self._from_meta(c, mask, sparsities[c.name], budget, ablate))
                 continue
-            layer = MaskedParam(c.name, module, c.param_name, mask, sparsities[c.name], budget, ablate, self.optimizer)
+            layer = MaskedParam(
+                c.name, module, c.param_name, mask, sparsities[c.name], budget, ablate, self.optimizer,
+                transposed=c.transposed,
+            )
             if how == "random" and self.sparse_init:
                 with torch.no_grad():
-                    initial.rescale_to_sparse_fan_in(param, mask)
+                    initial.rescale_to_sparse_fan_in(param, mask, c.view)
             layers.append(layer)
         return layers
 
@@ -335,10 +340,11 @@ class Sparsifier:
             return self.mask_init
         return "nonzero" if initial.looks_sparse(param.detach(), budget) else "random"
 
-    def _initial_mask(self, param: nn.Parameter, n: int, name: str, how: str) -> torch.Tensor:
-        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit, drawn ``how``."""
-        n_rows = param.shape[0]
-        weight = param.detach().reshape(n_rows, -1)  # (out, fan_in)
+    def _initial_mask(self, param: nn.Parameter, view: WeightView, n: int, name: str, how: str) -> torch.Tensor:
+        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit of its ``(out, fan_in)``
+        ``view``, drawn ``how``."""
+        n_rows, fan_in = view.rows_shape
+        weight = view.rows(param.detach())  # (out, fan_in)
         if how == "magnitude":
             mask = initial.magnitude_mask(weight, n, self.structure)
         elif how == "nonzero" and self.mask_init == "auto":
@@ -353,8 +359,8 @@ class Sparsifier:
         elif how == "nonzero":
             mask = initial.nonzero_mask(weight, self.structure, n, name)
         else:
-            mask = initial.random_mask(n_rows, weight.shape[1], n, self.structure, self.generator)
-        return mask.to(param.device).view_as(param)
+            mask = initial.random_mask(n_rows, fan_in, n, self.structure, self.generator)
+        return view.stored(mask.to(param.device)).contiguous()  # (out, fan_in) -> stored layout
 
     # ------------------------------------------------------------------ hooks
     def _set_collecting(self, flag: bool) -> None:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments,
+    BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments,
 )
-from transformers.pytorch_utils import Conv1D
 
 import srigl
 from srigl.integrations.huggingface import SPARSIFIER_FILE, SparsityCallback
@@ -138,37 +137,13 @@ def test_skipped_step_is_recognised_and_not_counted(tmp_path):
     assert cb.sparsifier.step_count == 3 and trainer.state.global_step == 4
 
 
-def test_gpt2_conv1d_is_not_sparsified_along_the_wrong_axis(tmp_path):
-    """HF's Conv1D keeps its weight as (in, out), the transpose of nn.Linear's; srigl's default
-    policy does not select it (it would read fan-in along the wrong axis), and says so."""
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
-    conv1d = [n + ".weight" for n, m in model.named_modules() if isinstance(m, Conv1D)]
-    assert len(conv1d) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(srigl.NoSparsifiableLayerError):
-        srigl.SRigL(model, optimizer, sparsity=0.8, total_steps=8)
-    summary = srigl.selection.select(model, srigl.SparsityPolicy())
-    reasons = {c.name: c.reason for c in summary}
-    for name in conv1d:
-        assert reasons[name] == "type Conv1D not in sparse types", (name, reasons[name])
-
-
-def test_adding_conv1d_to_the_policy_is_refused_by_name_not_applied_along_the_wrong_axis():
-    """Putting Conv1D in SparsityPolicy.types used to keep fan-in along its input axis (ablating
-    inputs); until a transposed layout exists, select() refuses it and names the layer and shape."""
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2))
-    policy = srigl.SparsityPolicy(types=srigl.selection.DEFAULT_TYPES + (Conv1D,))
-    with pytest.raises(srigl.errors.InvalidConfigError, match=r"'transformer\.h\.0\.attn\.c_attn' .*\(32, 96\)"):
-        srigl.selection.select(model, policy)
-
-
 def test_bert_linear_layers_are_selected_by_the_default_policy():
-    """BERT's projections are nn.Linear, stored (out, fan_in): the default policy selects them."""
+    """BERT's projections are nn.Linear, stored (out, fan_in): the default policy selects them, read
+    as they are stored (GPT-2's Conv1D, stored transposed: tests/integrations/test_gpt2.py)."""
     model = tiny_bert()
-    chosen = {c.name for c in srigl.selection.select(model, srigl.SparsityPolicy()) if c.sparse}
+    decisions = {c.name: c for c in srigl.selection.select(model, srigl.SparsityPolicy())}
     linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert linear and linear <= chosen
+    assert linear and all(decisions[n].sparse and not decisions[n].transposed for n in linear)
 
 
 def readme_example(which: int) -> str:

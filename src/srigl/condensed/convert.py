@@ -1,7 +1,9 @@
 """``condense(model)``: a trained constant fan-in model turned into condensed layers (and a report on request).
 
 The steps: find each tensor's mask (:func:`_collect_masks`), decide per layer whether it is
-condensed (:func:`_plan`), remove ablated neurons across layers where the graph allows
+condensed (:func:`_plan`), turn every condensable layer whose weight is stored transposed (Hugging
+Face's ``Conv1D``, ``(in, out)``; see :mod:`srigl.orientation`) into the ``nn.Linear`` it equals
+(:func:`_as_linear`), remove ablated neurons across layers where the graph allows
 (:mod:`srigl.condensed.surgery`), swap every constant fan-in layer of a registered type
 (:data:`~srigl.condensed.layers.CONDENSERS`) and every condensable ``nn.MultiheadAttention`` for its
 condensed twin, and say in a plain-dict report what happened to each layer and why.
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from srigl.masks import get_mask
+from srigl.masks import get_mask, set_mask
+from srigl.orientation import stores_transposed
 from srigl.condensed.attention import CondensedMultiheadAttention, why_attention_not_condensable
 from srigl.condensed.layers import CONDENSERS
 from srigl.condensed.surgery import _Layer, _remove_ablated
@@ -56,7 +59,7 @@ def _collect_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> t
             "weight != 0 (an active weight that is exactly 0 counts as pruned)"
         )
         for module_name, module in model.named_modules():
-            if type(module) in CONDENSERS:
+            if type(module) in CONDENSERS or stores_transposed(module):
                 found[_fqn(module_name, "weight")] = module.weight.detach() != 0
     for fqn, mask in found.items():
         check_mask(params[fqn], mask, fqn)
@@ -80,6 +83,51 @@ def _plan(name: str, module: nn.Module, mask: torch.Tensor | None) -> _Layer:
     return layer
 
 
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a layer with a ``(in, out)`` weight computes (``x @ W + b``):
+    its weight is ``W.t()``; the bias Parameter is shared; a ``weight_mask`` buffer is transposed too."""
+    in_features, out_features = module.weight.shape
+    weight = module.weight.detach()
+    linear = nn.Linear(in_features, out_features, bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())  # (in, out) -> (out, in)
+    linear.weight.requires_grad_(module.weight.requires_grad)
+    linear.bias = getattr(module, "bias", None)
+    mask = get_mask(module, "weight")
+    if isinstance(mask, torch.Tensor):
+        set_mask(linear, "weight", mask.t().contiguous())  # (in, out) -> (out, in)
+    return linear
+
+
+def _linearize_transposed(
+    model: nn.Module, masks_by_param: dict[str, torch.Tensor]
+) -> tuple[nn.Module, dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """Swap every masked layer stored ``(in, out)`` that will be condensed for its ``nn.Linear``
+    (:func:`_as_linear`), with its mask transposed in ``masks_by_param``; from here on it is condensed
+    (and its ablated neurons removed) as any Linear. Returns the model (the root may be swapped) and
+    ``{module name: why it stays as it is}`` for the others, and ``{module name: (type name, stored
+    shape)}`` for those swapped."""
+    kept: dict[str, str] = {}
+    swapped: dict[str, tuple[str, list[int]]] = {}
+    for name, module in list(model.named_modules()):
+        fqn = _fqn(name, "weight")
+        if fqn not in masks_by_param or not stores_transposed(module):
+            continue
+        mask = masks_by_param[fqn].t()  # (in, out) -> (out, in)
+        plan = _plan(name, module, mask)
+        if plan.fan_in is None:
+            kept[name] = plan.reason
+            continue
+        masks_by_param[fqn] = mask.contiguous()
+        swapped[name] = (type(module).__name__, list(module.weight.shape))
+        linear = _as_linear(module)
+        if name:
+            model.set_submodule(name, linear)
+        else:
+            model = linear
+    return model, kept, swapped
+
+
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -94,7 +142,9 @@ def condense(
 ) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
     """Turn a trained constant fan-in model into condensed layers that compute the same outputs.
 
-    Steps: find each layer's mask; where an ablated neuron's output only reaches the next layer
+    Steps: find each layer's mask; a layer whose weight is stored ``(in, out)`` (Hugging Face's
+    ``Conv1D``, ``x @ W + b``) becomes the ``nn.Linear`` over ``W.t()`` it equals, so that its
+    neurons are the weight's columns; where an ablated neuron's output only reaches the next layer
     (through channel-wise steps: activations, dropout, BatchNorm, max/adaptive pooling, flatten),
     remove it and the next layer's matching inputs, folding the constant it still emitted
     (``act(bias)``) into the next layer's bias; then swap every constant fan-in layer of a
@@ -119,7 +169,9 @@ def condense(
         ``(condensed_model, report)``. ``report["layers"]`` maps each module name to ``kind``,
         ``reason`` (dense layers), ``shape_before``/``shape_after``, ``fan_in``, ``active_neurons``,
         ``ablated_neurons`` (still present), ``removed_neurons``, ``padded_weights``,
-        ``params_before``/``params_after``; ``report["removals"]`` lists each cross-layer removal.
+        ``params_before``/``params_after``, and ``converted_from`` for a ``Conv1D`` condensed as a
+        Linear (its ``shape_before`` as stored, ``(in, out)``); ``report["removals"]`` lists each
+        cross-layer removal.
 
     Raises:
         MaskError: a mask names an unknown tensor, has the wrong shape or dtype, or the weight is
@@ -127,6 +179,7 @@ def condense(
     """
     condensed_model = model if inplace else copy.deepcopy(model)
     masks_by_param, source, notes = _collect_masks(condensed_model, masks)
+    condensed_model, transposed_kept, transposed = _linearize_transposed(condensed_model, masks_by_param)
     report: dict[str, Any] = {
         "mask_source": source,
         "notes": notes,
@@ -165,7 +218,8 @@ def condense(
             kind = "nn.MultiheadAttention" if isinstance(module, nn.MultiheadAttention) else type(module).__name__
             report["layers"][name] = {
                 "kind": "dense",
-                "reason": f"no condenser for {kind} (masked tensors {owned} stay dense and zero outside their masks)",
+                "reason": transposed_kept.get(name)
+                or f"no condenser for {kind} (masked tensors {owned} stay dense and zero outside their masks)",
                 "params_before": _n_params(module),
                 "params_after": _n_params(module),
             }
@@ -195,6 +249,9 @@ def condense(
         }
         if layer.reason is not None:
             entry["reason"] = layer.reason
+        if name in transposed:
+            # A Conv1D: shape_before as stored, (in, out); shape_after is of the Linear it became, (out, in).
+            entry["converted_from"], entry["shape_before"] = transposed[name]
         if n_ablated and layer.kept_ablated_reason is not None:
             entry["ablated_kept_because"] = layer.kept_ablated_reason
         report["layers"][name] = entry

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from srigl.masks import get_mask
+from srigl.orientation import stores_transposed
 from srigl.condensed.attention import CondensedMultiheadAttention, masked_dense_twin, why_attention_not_condensable
 from srigl.condensed.layers import CONDENSERS, CondensedConv2d, CondensedLinear
 from srigl.errors import InvalidConfigError
@@ -47,6 +48,8 @@ _HOLDER = {"weight": "", "in_proj_weight": "in_proj", "out_proj.weight": "out_pr
 def _why_not_compact(module: nn.Module, parent: nn.Module | None, types: tuple[type[nn.Module], ...]) -> str | None:
     """Why ``module`` cannot be swapped for a compact twin, or None when it can."""
     kind = type(module).__name__
+    if stores_transposed(module):
+        return f"{kind} stores its weight (in, out) and has no compact twin; it trains masked-dense"
     if type(module) not in COMPACT_TWINS:
         return f"{kind} has no compact twin"
     if type(module) not in types:

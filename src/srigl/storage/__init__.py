@@ -24,10 +24,12 @@ import torch
 
 
 class SparseParam(Protocol):
-    """One sparse tensor as the sparsifier sees it. Shapes are of the dense ``(out, fan_in)`` view."""
+    """One sparse tensor as the sparsifier sees it. ``n_rows``, ``fan_in`` and every tensor the update
+    reads or gets are of the dense ``(out, fan_in)`` view (:mod:`srigl.orientation`); masks it saves or
+    returns are shaped like the stored weight."""
 
     name: str  # FQN of the dense weight, e.g. "layer1.0.conv1.weight"
-    shape: tuple[int, ...]  # the dense weight's shape
+    shape: tuple[int, ...]  # the dense weight's shape as stored (a Hugging Face Conv1D's is (in, out))
     sparsity: float  # target from the distribution
     budget: int  # active weights this tensor keeps (fixed for the run)
     ablate: bool  # whether its neurons may be ablated

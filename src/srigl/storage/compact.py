@@ -20,9 +20,10 @@ better: every active output neuron has exactly ``k`` incoming weights, so a laye
   ``values`` stays the same Parameter; when ablation changes it, a new Parameter is swapped into
   the module and the optimizer with its state.
 
-Tensors without a compact twin (Conv1d/Conv3d, Conv2d with string padding or non-zero padding modes,
-attentions with ``kdim``/``vdim``, ``bias_k`` or inside ``nn.TransformerEncoderLayer``) stay
-masked-dense; :func:`make_compact` returns why.
+Tensors without a compact twin (Conv1d/Conv3d, Hugging Face's ``Conv1D`` whose weight is stored
+``(in, out)``, Conv2d with string padding or non-zero padding modes, attentions with
+``kdim``/``vdim``, ``bias_k`` or inside ``nn.TransformerEncoderLayer``) stay masked-dense;
+:func:`make_compact` returns why (naming ``Conv1D`` in ``compact_types`` is refused).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from srigl.condensed.twins import (
     _why_not_compact,
 )
 from srigl.errors import InvalidConfigError, LayerTooLargeError
+from srigl.orientation import TRANSPOSED_WEIGHT_TYPES, qualnames
 from srigl.storage import grad_was_reset
 from srigl.storage.masked import MaskedParam
 
@@ -55,6 +57,13 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Multihead
 def check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
     """``types`` as a tuple, refusing any without a compact twin."""
     types = tuple(types)
+    transposed = [t for t in types if isinstance(t, type) and qualnames(t) & TRANSPOSED_WEIGHT_TYPES]
+    if transposed:
+        raise InvalidConfigError(
+            f"compact_types {[t.__name__ for t in transposed]}: a weight stored (in, out) (Hugging Face Conv1D) has "
+            "no compact twin; leave it out of compact_types: in a compact run it trains masked-dense (storage "
+            "\"masked\" supports it fully), and srigl.condense turns it into a CondensedLinear afterwards"
+        )
     unknown = [t.__name__ if isinstance(t, type) else repr(t) for t in types if t not in COMPACT_TWINS]
     if unknown:
         raise InvalidConfigError(

@@ -4,11 +4,14 @@ The parameter is exactly zero wherever the mask is False after every optimizer s
 ``model.fc.weight`` always reads as the effective weight. A gradient hook masks ``.grad`` (with
 ``masked_fill``: NaN * 0 is NaN, and a pruned weight must stay exactly 0) and, on the step before an
 update, keeps the dense gradient that scores regrowth.
+
+The mask, the saved masks and the held gradient are all in the parameter's stored layout; the update
+reads them through the tensor's :class:`~srigl.orientation.WeightView` as ``(out, fan_in)`` (a
+transposed view for a weight stored ``(fan_in, out)``, such as Hugging Face's ``Conv1D``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 
 from srigl import masks
 from srigl.errors import MaskError
+from srigl.orientation import WeightView
 from srigl.storage import grad_was_reset, reset_state
 
 
@@ -30,6 +34,7 @@ class MaskedParam:
             parameter zeroed outside it.
         sparsity, budget, ablate: see :class:`srigl.storage.SparseParam`.
         optimizer: the optimizer stepping the parameter (its state is reset with the mask).
+        transposed: the parameter is stored ``(fan_in, out)``: its neurons are its columns.
     """
 
     state_key = "masks"
@@ -46,8 +51,12 @@ class MaskedParam:
         budget: int,
         ablate: bool,
         optimizer: torch.optim.Optimizer,
+        *,
+        transposed: bool = False,
     ):
         self.name, self.module, self.param_name = name, module, param_name
+        #: The one place that maps the stored layout to the update's (out, fan_in) and back.
+        self.view = WeightView(tuple(getattr(module, param_name).shape), transposed)
         self.sparsity, self.budget, self.ablate = sparsity, budget, ablate
         self.optimizer = optimizer
         self.collecting = False
@@ -79,18 +88,20 @@ class MaskedParam:
 
     @property
     def n_rows(self) -> int:
-        return self.shape[0]
+        return self.view.n_rows
 
     @property
     def fan_in(self) -> int:
-        return math.prod(self.shape[1:])
+        return self.view.fan_in
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.param.detach().reshape(self.n_rows, self.fan_in)  # (out, fan_in), a view
-        return weight, self.live_mask.reshape(self.n_rows, self.fan_in).clone()  # (out, fan_in)
+        # Row-major: a transposed view is copied once here rather than read column-strided by every
+        # top-k and row reduction of the update.
+        weight = self.view.rows(self.param.detach()).contiguous()  # (out, fan_in), a view unless transposed
+        return weight, self.view.rows(self.live_mask).clone(memory_format=torch.contiguous_format)  # (out, fan_in)
 
     def fan_in_counts(self) -> torch.Tensor:
-        return self.live_mask.reshape(self.n_rows, -1).sum(dim=1)  # (out,)
+        return self.view.rows(self.live_mask).sum(dim=1)  # (out,)
 
     def mask(self) -> torch.Tensor:
         return self.live_mask.detach().clone()
@@ -110,7 +121,7 @@ class MaskedParam:
         if self._grad_sum is None:  # unused in this step's forward: zero gradient
             return torch.zeros(self.n_rows, self.fan_in, dtype=self.param.dtype, device=self.param.device)
         grad, self._grad_sum = self._grad_sum, None
-        return grad.reshape(self.n_rows, self.fan_in)  # (out, fan_in)
+        return self.view.rows(grad).contiguous()  # (out, fan_in), row-major
 
     def grads_finite(self) -> bool:
         return self._grad_sum is None or bool(torch.isfinite(self._grad_sum).all())
@@ -123,7 +134,7 @@ class MaskedParam:
 
     # ------------------------------------------------------------------ installing masks
     def install(self, weight: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
-        new, old = new.view(self.shape), old.view(self.shape)
+        new, old = self.view.stored(new), self.view.stored(old)  # (out, fan_in) -> stored layout
         self.live_mask.copy_(new)
         param = self.param
         param.masked_fill_(~(new & old), 0.0)  # dropped -> 0; regrown (not in old) start at exactly 0
@@ -157,7 +168,7 @@ class MaskedParam:
 
     def entry_problem(self, entry: torch.Tensor, structure: Any, budget: int) -> str | None:
         """Why a saved mask (already of the right shape) breaks ``structure`` with ``budget``, or None."""
-        return structure.mask_problem(entry.reshape(self.n_rows, self.fan_in), budget)
+        return structure.mask_problem(self.view.rows(entry), budget)
 
     def load(self, entry: torch.Tensor) -> None:
         mask = self.live_mask
@@ -179,4 +190,5 @@ class MaskedParam:
         self._handle.remove()
 
     def __repr__(self) -> str:
-        return f"MaskedParam({self.name!r}, shape={self.shape}, budget={self.budget}, ablate={self.ablate})"
+        transposed = ", transposed=True" if self.view.transposed else ""
+        return f"MaskedParam({self.name!r}, shape={self.shape}{transposed}, budget={self.budget}, ablate={self.ablate})"
