@@ -30,6 +30,7 @@ from srigl.errors import (
     InfeasibleSparsityError,
     InvalidConfigError,
     InvalidSparsityError,
+    LayerTooLargeError,
     MaskError,
     NoSparsifiableLayerError,
     ParameterNotInOptimizerError,
@@ -402,7 +403,29 @@ class Case:
     match: str
 
 
+def _meta_head(labels: int, storage_compact: bool):
+    model = nn.Sequential(nn.Linear(4, 768), nn.Linear(768, labels, device="meta"))
+    return srigl.SRigL(model, torch.optim.Adam(model.parameters()), sparsity={"0.weight": 0.0, "1.weight": 1 - 32 / 768},
+                       total_steps=10, compact=storage_compact)
+
+
+def _head_too_large():
+    from srigl.storage import compact as compact_storage
+
+    real = compact_storage.available_bytes
+    compact_storage.available_bytes = lambda device: 16 * 2**30  # as if 16 GiB were free
+    try:
+        _meta_head(200_000_000, True)
+    finally:
+        compact_storage.available_bytes = real
+
+
 CASES = [
+    Case("meta-device head `Linear(768, 200_000_000)` at fan-in 32 with 16 GiB free", "refused before anything is "
+         "allocated; names the memory it needs", _head_too_large, LayerTooLargeError,
+         r"1.weight \(200000000, 768\) at fan-in 32 needs 64.00 GB on cpu .* 17.18 GB are free"),
+    Case("meta-device layer without `compact=True`", "refused: it has no values to mask", lambda: _meta_head(1000, False),
+         InvalidConfigError, r"1.weight \(1000, 768\) lives on the meta device \(no values\): it can only start compact"),
     Case("HF `Conv1D` (weight stored `(in, out)`) named in `compact_types`",
          "refused at construction (it has no compact twin; masked storage trains it)", _transposed_weight_type_compact,
          InvalidConfigError, r"compact_types \['Conv1D'\]: a weight stored \(in, out\) .* trains masked-dense"),

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from srigl import distributed
 from srigl.errors import MaskInvariantError
 from srigl.structures import ConstantFanIn, Unstructured, topk_mask
 
@@ -232,3 +233,37 @@ def _row_top(scores: torch.Tensor, n: int) -> torch.Tensor:
         # nonzero() lists a row's columns in ascending order, n of them per row.
         cols[tied_rows] = topk_mask(scores[tied_rows], n, ConstantFanIn()).nonzero()[:, 1].view(-1, n)
     return cols.sort(dim=1).values
+
+
+def update_layer(sparsifier, layer, drop_fraction: float) -> dict[str, int]:
+    """``sparsifier``'s update of ``layer``, a tensor held as a condensed layout (its storage has
+    ``block_rows``): :func:`update` with the sparsifier's scores, ablation and generator, then the
+    new layout installed. Returns the update's statistics of the layer."""
+    layout = layer.layout()
+    generator_state = sparsifier.generator.get_state()
+
+    # A grow score marked as reading only the weight's shape (RigL's, SET's) gets a zero-stride
+    # stand-in instead of the block's dense weight; an override elsewhere is given the real one.
+    reads_weight = getattr(type(sparsifier).grow_scores, "reads_weight", True)
+
+    def grow_block(r0: int, r1: int) -> torch.Tensor:
+        if reads_weight:
+            weight = layer.weight_rows(r0, r1)  # (r1 - r0, fan_in)
+        else:
+            weight = layout.values.new_zeros(()).expand(r1 - r0, layer.fan_in)  # (r1 - r0, fan_in), no memory
+        # Averaged over ranks block by block (same order everywhere), like the whole gradient.
+        grad = distributed.mean_(layer.grad_rows(r0, r1)) if sparsifier.needs_dense_grad else None
+        return sparsifier.grow_scores(weight, grad)
+
+    active_rows, indices, source, n_grown = update(
+        values=layout.values, indices=layout.indices, active_rows=layout.active_rows,
+        n_rows=layer.n_rows, fan_in=layer.fan_in, budget=layer.budget, drop_fraction=drop_fraction,
+        drop_scores=sparsifier.drop_scores, grow_block=grow_block,
+        surviving_rows=lambda counts, k: sparsifier.surviving_rows(layer, counts, k),
+        # Every pass over the blocks draws the same random scores (SET), as one dense draw would.
+        restart=lambda: sparsifier.generator.set_state(generator_state),
+        block_rows=layer.block_rows, name=layer.name,
+    )
+    layer.install_layout(active_rows, indices, source)
+    layer.clear()
+    return {"grown": n_grown, "active_neurons": int(active_rows.numel())}

@@ -125,3 +125,19 @@ def refuse_sharded(model: torch.nn.Module) -> None:
             "rank-consistent. Build the sparsifier on the unsharded model and use DDP "
             "(net = sparsifier.wrap_ddp()) instead"
         )
+
+
+def wrap_ddp(model: torch.nn.Module, layers, ignored: list[str], **ddp_kwargs) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel``, the tensors named ``ignored`` (compact layers) left to
+    their storage, which averages their gradients (:meth:`srigl.Sparsifier.wrap_ddp`)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidConfigError("wrap_ddp needs an initialized process group (torch.distributed.init_process_group)")
+    if ignored:
+        # DDP reads this attribute of the module it wraps: parameters and buffers it must skip.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    for layer in layers:
+        layer.average_over_ranks()
+    return DistributedDataParallel(model, **ddp_kwargs)

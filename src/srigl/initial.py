@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from srigl.blockwise import rows_per_block
-from srigl.errors import InvalidConfigError
+from srigl.errors import InvalidConfigError, SriglError
 from srigl.orientation import WeightView
 from srigl.structures import ConstantFanIn, Structure, topk_mask
 
@@ -138,3 +138,36 @@ def rescale_to_sparse_fan_in(weight: torch.Tensor, mask: torch.Tensor, view: Wei
     scale = torch.sqrt(view.fan_in / counts.clamp(min=1).to(weight.dtype))  # (out,)
     factor = view.stored(scale[:, None].expand(view.rows_shape))  # (out, fan_in) -> stored layout
     weight.mul_(factor)  # in place, whatever the layout
+
+
+def resolve_mask_init(mask_init: str, param: torch.Tensor, budget: int) -> str:
+    """``mask_init`` for one tensor, with ``"auto"`` resolved (``"nonzero"`` if it :func:`looks_sparse`)."""
+    if mask_init != "auto":
+        return mask_init
+    return "nonzero" if looks_sparse(param.detach(), budget) else "random"
+
+
+def first_mask(
+    param: torch.Tensor, view: WeightView, n: int, name: str, how: str, *, auto: bool, structure: Structure,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The first mask of ``param`` (shaped like it), keeping ``n`` per unit of ``structure`` in its
+    ``(out, fan_in)`` ``view``, drawn ``how`` (resolved; ``auto``: the user asked for ``"auto"``)."""
+    n_rows, fan_in = view.rows_shape
+    weight = view.rows(param.detach())  # (out, fan_in)
+    if how == "magnitude":
+        mask = magnitude_mask(weight, n, structure)
+    elif how == "nonzero" and auto:
+        try:
+            mask = nonzero_mask(weight, structure, n, name)
+        except SriglError as e:  # InvalidConfigError, NotConstantFanInError
+            # Drawing random masks over trained sparse weights would zero most of them.
+            raise InvalidConfigError(
+                f"{name} is already sparse but its zeros do not fit {structure!r} at this budget ({e}); "
+                "pass mask_init='magnitude' to keep its largest weights or mask_init='random' to start afresh"
+            ) from e
+    elif how == "nonzero":
+        mask = nonzero_mask(weight, structure, n, name)
+    else:
+        mask = random_mask(n_rows, fan_in, n, structure, generator)
+    return view.stored(mask.to(param.device)).contiguous()  # (out, fan_in) -> stored layout

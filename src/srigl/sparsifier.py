@@ -23,12 +23,10 @@ from torch import nn
 
 from srigl import ablation, blockwise, distributed, guards, initial, masks, state
 from srigl.distributions import layer_sparsities
-from srigl.orientation import WeightView
 from srigl.errors import (
     FanInTooSmallError,
     InvalidConfigError,
     MaskError,
-    SriglError,
     NoSparsifiableLayerError,
     ParameterNotInOptimizerError,
     StateDictMismatchError,
@@ -270,12 +268,17 @@ class Sparsifier:
             budget = self.structure.units(n_rows, fan_in) * n
             if param.is_meta:  # no values to read: draw the compact layout (out, k) directly
                 from srigl.kernels.checks import index_dtype_for
+                from srigl.storage import compact as compact_storage
 
-                how = self._check_meta(c, module, n)
+                parent = self.model.get_submodule(c.module_name.rpartition(".")[0]) if c.module_name else None
+                compact_storage.check_meta(c.name, c.shape, module, parent, n, self.storage, self.mask_init,
+                                           self.compact_types, compact_storage.materialise_on(self.model))
+                how = "random"
                 first = initial.random_layout(n_rows, fan_in, n, self.generator, dtype=index_dtype_for(fan_in))
             else:
-                how = self._mask_init_for(param, budget)
-                first = self._initial_mask(param, c.view, n, c.name, how)
+                how = initial.resolve_mask_init(self.mask_init, param, budget)
+                first = initial.first_mask(param, c.view, n, c.name, how, auto=self.mask_init == "auto",
+                                           structure=self.structure, generator=self.generator)
             planned.append((c, module, param, first, budget, how))
         adopted = [c.name for c, *_, how in planned if how == "nonzero" and self.mask_init == "auto"]
         if adopted:
@@ -295,7 +298,12 @@ class Sparsifier:
                 and not any(fnmatch.fnmatchcase(c.name, p) for p in self.no_ablation)
             )
             if param.is_meta:
-                layers.append(self._from_meta(c, mask, sparsities[c.name], budget, ablate))
+                from srigl.storage import compact as compact_storage
+
+                layers.append(compact_storage.from_meta(
+                    self.model, c.module_name, mask, name=c.name, sparsity=sparsities[c.name], budget=budget,
+                    ablate=ablate, optimizer=self.optimizer, sparse_init=self.sparse_init,
+                ))
                 continue
             layer = MaskedParam(
                 c.name, module, c.param_name, mask, sparsities[c.name], budget, ablate, self.optimizer,
@@ -306,61 +314,6 @@ class Sparsifier:
                     initial.rescale_to_sparse_fan_in(param, mask, c.view)
             layers.append(layer)
         return layers
-
-    def _check_meta(self, c: Candidate, module: nn.Module, fan_in: int) -> str:
-        """How a tensor on the ``meta`` device starts: compact, from a random layout (it has no values)."""
-        if self.storage != "compact" or self.mask_init not in ("auto", "random"):
-            raise InvalidConfigError(
-                f"{c.name} {tuple(c.shape)} lives on the meta device (no values): it can only start compact from "
-                f"a random layout (compact=True, mask_init='random' or 'auto'); got storage={self.storage!r}, "
-                f"mask_init={self.mask_init!r}"
-            )
-        from srigl.storage import compact as compact_storage
-
-        parent = self.model.get_submodule(c.module_name.rpartition(".")[0]) if c.module_name else None
-        compact_storage.check_meta(c.name, module, parent, self.compact_types, fan_in, self._materialise_on())
-        return "random"
-
-    def _materialise_on(self) -> torch.device:
-        """Where meta-device layers are created: beside the model's other parameters (else the CPU)."""
-        return next((p.device for p in self.model.parameters() if not p.is_meta), torch.device("cpu"))
-
-    def _from_meta(self, c: Candidate, layout: torch.Tensor, sparsity: float, budget: int, ablate: bool):
-        """The compact tensor of a meta-device layer (:func:`srigl.storage.compact.from_meta`)."""
-        from srigl.storage import compact as compact_storage
-
-        return compact_storage.from_meta(
-            self.model, c.module_name, layout, name=c.name, sparsity=sparsity, budget=budget, ablate=ablate,
-            optimizer=self.optimizer, sparse_init=self.sparse_init, device=self._materialise_on(),
-        )
-
-    def _mask_init_for(self, param: nn.Parameter, budget: int) -> str:
-        """:attr:`mask_init`, with ``"auto"`` resolved for this tensor."""
-        if self.mask_init != "auto":
-            return self.mask_init
-        return "nonzero" if initial.looks_sparse(param.detach(), budget) else "random"
-
-    def _initial_mask(self, param: nn.Parameter, view: WeightView, n: int, name: str, how: str) -> torch.Tensor:
-        """The first mask of ``param`` (shaped like it), keeping ``n`` per unit of its ``(out, fan_in)``
-        ``view``, drawn ``how``."""
-        n_rows, fan_in = view.rows_shape
-        weight = view.rows(param.detach())  # (out, fan_in)
-        if how == "magnitude":
-            mask = initial.magnitude_mask(weight, n, self.structure)
-        elif how == "nonzero" and self.mask_init == "auto":
-            try:
-                mask = initial.nonzero_mask(weight, self.structure, n, name)
-            except SriglError as e:  # InvalidConfigError, NotConstantFanInError
-                # Drawing random masks over trained sparse weights would zero most of them.
-                raise InvalidConfigError(
-                    f"{name} is already sparse but its zeros do not fit {self.structure!r} at this budget ({e}); "
-                    "pass mask_init='magnitude' to keep its largest weights or mask_init='random' to start afresh"
-                ) from e
-        elif how == "nonzero":
-            mask = initial.nonzero_mask(weight, self.structure, n, name)
-        else:
-            mask = initial.random_mask(n_rows, fan_in, n, self.structure, self.generator)
-        return view.stored(mask.to(param.device)).contiguous()  # (out, fan_in) -> stored layout
 
     # ------------------------------------------------------------------ hooks
     def _set_collecting(self, flag: bool) -> None:
@@ -467,7 +420,7 @@ class Sparsifier:
         for layer in self.layers:
             if layer.block_rows is not None:
                 # Compact: the same update from the condensed layout, a block of rows at a time.
-                layers_stats[layer.name] = self._update_in_blocks(layer, drop_fraction)
+                layers_stats[layer.name] = blockwise.update_layer(self, layer, drop_fraction)
                 continue
             weight, old = layer.dense_view()  # (out, fan_in) each
             # Averaged over ranks so every rank picks the same masks (same layer order everywhere).
@@ -550,39 +503,6 @@ class Sparsifier:
         self.structure.check_update(layer.name, new, alive, per_unit, layer.budget)
         return new
 
-    def _update_in_blocks(self, layer: SparseParam, drop_fraction: float) -> dict[str, int]:
-        """:meth:`_update_layer` for a tensor held as a condensed layout, without its dense
-        ``(out, fan_in)`` tensors: at most one block of ``layer.block_rows`` rows of gradient and
-        scores lives at a time (:mod:`srigl.blockwise`)."""
-        layout = layer.layout()
-        generator_state = self.generator.get_state()
-
-        # A grow score marked as reading only the weight's shape (RigL's, SET's) gets a zero-stride
-        # stand-in instead of the block's dense weight; an override elsewhere is given the real one.
-        reads_weight = getattr(type(self).grow_scores, "reads_weight", True)
-
-        def grow_block(r0: int, r1: int) -> torch.Tensor:
-            if reads_weight:
-                weight = layer.weight_rows(r0, r1)  # (r1 - r0, fan_in)
-            else:
-                weight = layout.values.new_zeros(()).expand(r1 - r0, layer.fan_in)  # (r1 - r0, fan_in), no memory
-            # Averaged over ranks block by block (same order everywhere), like the whole gradient.
-            grad = distributed.mean_(layer.grad_rows(r0, r1)) if self.needs_dense_grad else None
-            return self.grow_scores(weight, grad)
-
-        active_rows, indices, source, n_grown = blockwise.update(
-            values=layout.values, indices=layout.indices, active_rows=layout.active_rows,
-            n_rows=layer.n_rows, fan_in=layer.fan_in, budget=layer.budget, drop_fraction=drop_fraction,
-            drop_scores=self.drop_scores, grow_block=grow_block,
-            surviving_rows=lambda counts, k: self.surviving_rows(layer, counts, k),
-            # Every pass over the blocks draws the same random scores (SET), as one dense draw would.
-            restart=lambda: self.generator.set_state(generator_state),
-            block_rows=layer.block_rows, name=layer.name,
-        )
-        layer.install_layout(active_rows, indices, source)
-        layer.clear()
-        return {"grown": n_grown, "active_neurons": int(active_rows.numel())}
-
     # ------------------------------------------------------------------ inspection
     def masks(self) -> dict[str, torch.Tensor]:
         """``{parameter FQN: bool mask}`` (copies, shaped like the dense weights) for every sparse tensor."""
@@ -629,18 +549,7 @@ class Sparsifier:
         Raises:
             InvalidConfigError: no process group is initialized.
         """
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise InvalidConfigError("wrap_ddp needs an initialized process group (torch.distributed.init_process_group)")
-        ignored = self.ddp_ignored_names()
-        if ignored:
-            # DDP reads this attribute of the module it wraps: parameters and buffers it must skip.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
-        for layer in self.layers:
-            layer.average_over_ranks()
-        return DistributedDataParallel(self.model, **ddp_kwargs)
+        return distributed.wrap_ddp(self.model, self.layers, self.ddp_ignored_names(), **ddp_kwargs)
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict[str, Any]:

@@ -432,10 +432,22 @@ def make_compact(
     return [compact.get(p.name, p) for p in params], reasons
 
 
-def check_meta(name: str, module: nn.Module, parent: nn.Module | None, types: tuple[type[nn.Module], ...],
-               fan_in: int, device: torch.device) -> None:
-    """Refuse a tensor on the ``meta`` device that cannot start compact at ``fan_in`` on ``device``,
-    with the reason (before its first layout is drawn)."""
+def materialise_on(model: nn.Module) -> torch.device:
+    """Where meta-device layers are created: beside the model's other parameters (else the CPU)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+def check_meta(name: str, shape: tuple[int, ...], module: nn.Module, parent: nn.Module | None, fan_in: int,
+               storage: str, mask_init: str, types: tuple[type[nn.Module], ...], device: torch.device) -> None:
+    """Refuse a tensor on the ``meta`` device that cannot start compact at ``fan_in``, with the reason
+    (before its first layout is drawn): it has no values, so only compact storage from a random
+    layout can start it, and it must fit the memory of ``device``, where it will live."""
+    shape = tuple(shape)
+    if storage != "compact" or mask_init not in ("auto", "random"):
+        raise InvalidConfigError(
+            f"{name} {shape} lives on the meta device (no values): it can only start compact from a random "
+            f"layout (compact=True, mask_init='random' or 'auto'); got storage={storage!r}, mask_init={mask_init!r}"
+        )
     reason = _why_not_compact(module, parent, types)
     if reason is None and type(module) not in (nn.Linear, nn.Conv2d):
         reason = f"{type(module).__name__} cannot be drawn from the meta device (only nn.Linear and nn.Conv2d can)"
@@ -446,16 +458,15 @@ def check_meta(name: str, module: nn.Module, parent: nn.Module | None, types: tu
         )
     from srigl.kernels.checks import index_dtype_for
 
-    shape = tuple(module.weight.shape)
     _check_fits(name, shape, fan_in, module.weight.dtype, index_dtype_for(math.prod(shape[1:])), device)
 
 
 def from_meta(
     model: nn.Module, unit: str, layout: torch.Tensor, *, name: str, sparsity: float, budget: int, ablate: bool,
-    optimizer: torch.optim.Optimizer, sparse_init: bool, device: torch.device,
+    optimizer: torch.optim.Optimizer, sparse_init: bool,
 ) -> CompactParam:
     """Create the compact twin of a ``meta``-device ``nn.Linear`` / ``nn.Conv2d`` directly: only its
-    ``(out, k)`` values and indices (and a dense bias) are ever allocated, on ``device``.
+    ``(out, k)`` values and indices (and a dense bias) are ever allocated, on :func:`materialise_on`.
 
     The values are drawn as the layer's own ``reset_parameters`` would draw its weights (Kaiming
     uniform, bound ``1 / sqrt(fan_in)``, from torch's global generator) and, with ``sparse_init``,
@@ -469,6 +480,7 @@ def from_meta(
             (:func:`srigl.initial.random_layout`).
     """
     module = model.get_submodule(unit)
+    device = materialise_on(model)
     n_rows, k = layout.shape
     fan_in = math.prod(module.weight.shape[1:])
     twin_type = CondensedConv2d if isinstance(module, nn.Conv2d) else CondensedLinear
