@@ -106,8 +106,9 @@ def update(
         name: the tensor's FQN, for errors.
 
     Returns:
-        ``(active_rows, indices, source, n_grown)`` of the new layout: ``source`` ``(n_active', k')``
-        int64 holds each entry's flat position in the old values, or -1 where it is regrown.
+        ``(active_rows, indices, source, n_grown)`` of the new layout: ``indices`` in the dtype of the
+        old ones; ``source`` ``(n_active', k')`` (int32, int64 from 2**31 entries) holds each entry's
+        flat position in the old values, or -1 where it is regrown.
     """
     n_act, k = values.shape
     device = values.device
@@ -158,11 +159,18 @@ def update(
     keep = topk_mask(torch.where(candidates, drop, -torch.inf), n_keep, Unstructured())  # (n_act, k)
     if per_unit < k:
         keep &= topk_mask(torch.where(keep, drop, -torch.inf), per_unit, ConstantFanIn())
+    del drop, candidates  # the update's peak is in the grow loop below: hold only what it needs
 
     # Grow, block by block: of each surviving row, its kept weights (lifted to +inf) and the best grow
     # scores of the rest, k' in all. Rows are selected by torch.topk's positions directly: no dense
     # mask of the block is formed, nor scattered back to the condensed layout.
-    new_rows, new_indices, sources = [], [], []
+    # The new layout is written in place, block by block: a list of per-block pieces concatenated
+    # at the end would hold it twice. Sources fit int32 below 2**31 entries (4 bytes an entry saved).
+    new_rows = alive.nonzero().squeeze(1)  # (n_active',) ascending
+    new_indices = torch.empty(new_rows.numel(), per_unit, dtype=indices.dtype, device=device)
+    sources = torch.empty(new_rows.numel(), per_unit, device=device,
+                          dtype=torch.int32 if n_active < 2**31 else torch.long)
+    at_new = 0  # rows of the new layout written so far
     n_grown = n_kept_found = 0
     restart()
     for r0, r1 in _blocks(n_rows, block_rows):
@@ -193,15 +201,15 @@ def update(
             source[had], kept_found = _sources(old_cols, kept, entry[had] - a0, cols[had], a0, k)
         n_grown += int(torch.count_nonzero(source < 0))
         n_kept_found += kept_found
-        new_rows.append(rows + r0)
-        new_indices.append(cols)
-        sources.append(source)
+        new_indices[at_new:at_new + rows.numel()] = cols
+        sources[at_new:at_new + rows.numel()] = source
+        at_new += rows.numel()
     if n_kept_found != int(torch.count_nonzero(keep)):
         raise MaskInvariantError(f"{name}: {int(torch.count_nonzero(keep))} kept weights, {n_kept_found} in the new layout")
-    if not new_rows:
-        empty = torch.zeros(0, per_unit, dtype=torch.long, device=device)
-        return torch.zeros(0, dtype=torch.long, device=device), empty, empty, 0
-    return torch.cat(new_rows), torch.cat(new_indices), torch.cat(sources), n_grown
+    if per_unit == 0:  # every neuron ablated or no budget left: an empty layout
+        new_rows = new_rows[:0]
+        return new_rows, new_indices[:0, :0], sources[:0, :0], 0
+    return new_rows, new_indices, sources, n_grown
 
 
 def _entries(active_rows: torch.Tensor, r0: int, r1: int) -> tuple[int, int]:
