@@ -118,3 +118,46 @@ def test_available_bytes_reads_this_machine():
     free = compact_storage.available_bytes(torch.device("cpu"))
     assert free is None or free > 0
     assert compact_storage.available_bytes(torch.device("meta")) is None
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("gamma_sal", [0.0, 0.9])
+def test_a_compact_update_never_forms_a_dense_out_by_fan_in_tensor(monkeypatch, gamma_sal):
+    from srigl import blockwise
+
+    out, fan_in, k = 3000, 256, 8
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 64 * fan_in)  # 64 rows a block
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, fan_in), nn.Linear(fan_in, out, device="meta"), nn.Linear(out, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sparsifier = srigl.SRigL(model, optimizer, sparsity={"0.weight": 0.0, "1.weight": 1 - k / fan_in, "2.weight": 0.0},
+                             total_steps=40, delta=2, compact=True, gamma_sal=gamma_sal)
+    x = torch.randn(32, 16)
+    for step in (1, 2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        if step == 2:  # the update step
+            with _LargestOutput() as watch:
+                sparsifier.step()
+        else:
+            sparsifier.step()
+    assert sparsifier.last_update["layers"]["1.weight"]["grown"] > 0
+    # Per-entry tensors of the layout (out x k) and one block of scores (64 x fan_in) are allowed;
+    # the dense (out, fan_in) gradient, mask or scores (768,000 entries) are not.
+    assert watch.largest <= max(out * k, 64 * fan_in, 32 * out), watch.largest
+    assert watch.largest < out * fan_in // 4
