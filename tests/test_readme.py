@@ -6,7 +6,10 @@ import io
 import re
 from pathlib import Path
 
+import pytest
 import torch
+
+import srigl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +56,17 @@ def test_every_example_the_readme_names_exists():
     named = set(re.findall(r"examples/([\w.]+\.py)", readme))
     assert named, "the README points to no example"
     assert all((ROOT / "examples" / name).is_file() for name in named), named
+
+
+@pytest.mark.slow
+def test_readme_extreme_output_head_example_builds_only_values_and_indices():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**Extreme output layers**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"torch": torch, "srigl": srigl, "features": torch.nn.Linear(10, 768)}
+    exec(code, namespace)
+    head = namespace["model"][1]
+    assert isinstance(head, srigl.CondensedLinear) and head.values.shape == (670_091, 32)
+    stored = head.values.numel() * 4 + head.indices.numel() * head.indices.element_size()
+    assert round(stored / 1e9, 2) == 0.13  # what the README's comment says
+    assert not any(p.is_meta for p in namespace["model"].parameters())
