@@ -70,7 +70,9 @@ def add_config_flags(groups: dict[str, Any]) -> None:
             group.add_argument(config_flag(f.name, f.default), dest=f.name, action=action, help=text)
             continue
         choices = meta["choices"]
-        extra = {"choices": list(choices())} if choices is not None else {"type": kind}
+        # A list is kept as it is: the data names' list also admits every xmc:NAME (config.DataNames).
+        valid = choices() if choices is not None else None
+        extra = {"choices": valid if isinstance(valid, list) else list(valid)} if valid is not None else {"type": kind}
         if meta["metavar"]:
             extra["metavar"] = meta["metavar"]
         group.add_argument(config_flag(f.name, f.default), dest=f.name, help=text, **extra)

@@ -181,6 +181,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 setup_error = error
         _check_ranks_agree(cfg, proc, setup_error)
         try:
+            from srigl.app.datasets.xmc_sources import is_xmc
+
+            if is_xmc(cfg.data):  # extreme multi-label data: its own loop, the same run folder
+                from srigl.app import xmc_train
+
+                return xmc_train.run(cfg, proc, resume, stop, log)
             return _run(cfg, proc, resume, stop, log)
         except RuntimeError as error:
             # gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog reports "timeout".
