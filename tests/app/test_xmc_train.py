@@ -214,3 +214,23 @@ def test_resolving_an_xmc_config_is_idempotent():
     assert (once.xmc_points, once.xmc_features, once.xmc_labels, once.xmc_hidden) == (2000, 500, 1000, 768)
     assert resolve_config(once) == once
     assert resolve_config(TrainConfig(data="xmc:EURLex-4K", model="linear")).xmc_hidden is None
+
+
+@pytest.mark.parametrize("engine", [[], ["--compact"]], ids=["masked", "compact"])
+def test_condense_an_xmc_run_and_load_it_back(tmp_path, capsys, engine):
+    import srigl
+    import srigl.app.xmc_models  # noqa: F401 - the printed call names it
+    from srigl.app.train import load_trained_model
+
+    run = _train(tmp_path, "--epochs", "1", "--method", "srigl", *engine)
+    target = tmp_path / "model.safetensors"
+    assert main(["condense", str(run), "--out", str(target)]) == 0
+    call = capsys.readouterr().out.split("load it with: ")[1].strip()
+    assert "create_xmc_model('mlp', 120, 60, 32)" in call
+    loaded = eval(call, {"srigl": srigl})  # noqa: S307 - the CLI's own output
+    masked, config = load_trained_model(run)
+    assert config.data == "xmc-synthetic"
+    x = load_xmc("xmc-synthetic", points=400, features=120, labels=60).test
+    features = xmc_batches.dense_rows(x.features)  # (100, 120)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(features), masked(features), rtol=1e-5, atol=1e-5)

@@ -170,13 +170,16 @@ def write_config_toml(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def save_training_state(run_dir: Path, cfg: TrainConfig, model, optimizer, sparsifier, scheduler, *, epoch: int,
-                        batch: int, step: int, partial: Mapping[str, float]) -> Path:
-    """Write ``checkpoints/last.pt``: everything to resume after ``batch`` batches of epoch ``epoch`` (0-based)."""
+                        batch: int, step: int, partial: Mapping[str, float], **extra: Any) -> Path:
+    """Write ``checkpoints/last.pt``: everything to resume after ``batch`` batches of epoch ``epoch`` (0-based).
+
+    ``extra`` goes into the checkpoint's ``extra`` entry too (an XMC run's model sizes).
+    """
     from srigl.io import checkpoint
 
     state = checkpoint.training_state(
         model, optimizer, sparsifier, scheduler,
-        epoch=epoch, batch=batch, step=step, partial=dict(partial), config=cfg.to_dict(),
+        epoch=epoch, batch=batch, step=step, partial=dict(partial), config=cfg.to_dict(), **extra,
     )
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,13 @@ stop with :class:`srigl.errors.ReplicaDivergenceError` when they differ; the mod
 DDP, each rank trains on its shard of the epoch's order (the same strided split a
 ``DistributedSampler`` makes) and only rank 0 prints and writes files.
 
-Only torch and srigl's core (and the app's config, metrics and FLOP modules) are imported at module
-level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module are imported where
-they are used.
+Extreme multi-label data (``xmc-synthetic``, ``xmc:NAME``) is trained by :mod:`srigl.app.xmc_train`
+once :func:`train` has claimed the folder; what both loops share (builders, checkpoint and resume
+steps, the summary) is in :mod:`srigl.app.run_common`.
+
+Only torch and srigl's core (and the app's config, metrics, run_common and FLOP modules) are
+imported at module level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module
+are imported where they are used.
 """
 
 from __future__ import annotations
@@ -402,7 +406,9 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """
     from srigl.io.checkpoint import latest_checkpoint, load_checkpoint
     from srigl.app.datasets import dataset_info
+    from srigl.app.datasets.xmc_sources import is_xmc
     from srigl.app.models import create_model
+    from srigl.app.xmc_models import create_xmc_model
 
     found = latest_checkpoint(path)
     if found is None:
@@ -412,8 +418,14 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     if saved is None:
         raise InvalidConfigError(f"{found} has no run config in its 'extra' entry; it was not written by `srigl train`")
     config = config_from_mapping({k: v for k, v in saved.items() if v is not None}, str(found))
-    info = dataset_info(config.data)
-    model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
+    if is_xmc(config.data):
+        model_args = state["extra"].get("model_args")
+        if not isinstance(model_args, dict):
+            raise InvalidConfigError(f"{found} is an XMC run's checkpoint without its model sizes ('model_args')")
+        model = create_xmc_model(config.model, **model_args)
+    else:
+        info = dataset_info(config.data)
+        model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
     if state.get("sparsifier") is not None:
         # Rebuild the sparsifier as it trained so that the masks (or compact layouts) land where
         # they belong; its schedule does not matter here.

@@ -126,7 +126,8 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
     input_shape = (data.n_features,)
 
     torch.manual_seed(cfg.seed)
-    model = create_xmc_model(cfg.model, data.n_features, data.n_labels, cfg.xmc_hidden).to(proc.device)
+    model_args = {"n_features": data.n_features, "n_labels": data.n_labels, "hidden": cfg.xmc_hidden}
+    model = create_xmc_model(cfg.model, **model_args).to(proc.device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     sparsifier = build_sparsifier(cfg, model, optimizer, total_steps)
@@ -142,8 +143,9 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
     metrics = MetricsLog(run_dir, keep_epochs=start_epoch if resume else 0, columns=XMC_COLUMNS)
 
     def save(epoch: int, batch: int, partial: dict[str, float]) -> Path:
+        # The sizes rebuild the model without the data (srigl.app.train.load_trained_model, `srigl condense`).
         return save_training_state(run_dir, cfg, model, optimizer, sparsifier, scheduler, epoch=epoch, batch=batch,
-                                   step=step, partial=partial)
+                                   step=step, partial=partial, model_args=model_args)
 
     def stopped(where: str, path: Path) -> TrainingInterrupted:
         metrics.close()
