@@ -234,3 +234,12 @@ def test_condense_an_xmc_run_and_load_it_back(tmp_path, capsys, engine):
     features = xmc_batches.dense_rows(x.features)  # (100, 120)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(features), masked(features), rtol=1e-5, atol=1e-5)
+
+
+def test_fewer_labels_than_the_largest_rank(tmp_path):
+    # L = 3 < 5: ranks 4 and 5 exist for no label, so they count as misses (P@5 <= 3/5).
+    out = tmp_path / "run"
+    assert main(["train", "--data", "xmc-synthetic", "--xmc-labels", "3", "--xmc-points", "100", "--xmc-features", "20",
+                 "--xmc-hidden", "8", "--sparsity", "0.5", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    row = _rows(out)[0]
+    assert 0.0 < float(row["P@5"]) <= 3 / 5 and float(row["nDCG@5"]) == float(row["nDCG@3"])
