@@ -23,6 +23,7 @@ from torch import nn
 
 import srigl
 from srigl.app.datasets import CorruptDatasetError
+from srigl.app.datasets.xmc import XMCIndexRangeError, XMCTokenError
 from srigl.io.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from srigl.errors import (
     CheckpointError,
@@ -392,6 +393,22 @@ def _run_folder_case(kind: str):
             check_condense_out("run", "run/checkpoints/last.pt")
 
 
+def _xmc_case(kind: str):
+    """An XMC data problem met by ``srigl train --data xmc:toy --data-dir .`` (its loader, called the same way)."""
+    from srigl.app.config import TrainConfig, resolve_config
+    from srigl.app.datasets.xmc_sources import load_xmc
+
+    if kind == "xmc fields on image data":
+        resolve_config(TrainConfig(data="digits", xmc_hidden=64))
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        Path("toy").mkdir()
+        train = {"label out of range": "2 6 4\n0,3 1:0.5\n1,4 2:1 5:0.25\n",
+                 "malformed token": "2 6 4\n0,3 1:0.5\n1 2=1\n"}[kind]
+        Path("toy/train.txt").write_text(train)
+        Path("toy/test.txt").write_text("1 6 4\n2 0:1\n")
+        load_xmc("xmc:toy", "toy")
+
+
 @dataclass(frozen=True)
 class Case:
     """One bad input: how to trigger it, what srigl does, and what the message must say."""
@@ -609,6 +626,13 @@ CASES = [
     Case("`srigl condense RUN --out RUN/checkpoints/last.pt`", "refused; the training checkpoint stays",
          lambda: _run_folder_case("condense over the checkpoint"), InvalidConfigError,
          r"--out 'run/checkpoints/last.pt' is the input checkpoint"),
+    Case("XMC file (`--data xmc:NAME`) with a label id `>= L`", "refused; names the file, the line and the header's count",
+         lambda: _xmc_case("label out of range"), XMCIndexRangeError,
+         r"toy/train.txt: line 3: label 4 is not below the header's count 4"),
+    Case("XMC file with a malformed `index:value` token", "refused; names the file, the line and the token",
+         lambda: _xmc_case("malformed token"), XMCTokenError, r"toy/train.txt: line 3: .*2=1"),
+    Case("`--xmc-hidden` (or another XMC size) with image data", "refused", lambda: _xmc_case("xmc fields on image data"),
+         InvalidConfigError, r"xmc_hidden applies to XMC data \(xmc-synthetic, xmc:NAME\) only, not 'digits'"),
 ]
 
 

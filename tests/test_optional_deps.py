@@ -50,9 +50,9 @@ def test_integrations_report_a_missing_framework_in_one_line(module, blocked, ex
 
 
 def test_cli_train_without_tqdm_prints_one_line_and_exits_nonzero(monkeypatch, capsys):
-    from srigl.app import train
+    from srigl.app import run_common
 
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     with pytest.raises(MissingDependencyError, match=r"needs tqdm: pip install 'srigl\[app\]'"):
-        train._progress([1, 2], enabled=True)
+        run_common.progress([1, 2], enabled=True)

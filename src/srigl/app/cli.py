@@ -70,7 +70,9 @@ def add_config_flags(groups: dict[str, Any]) -> None:
             group.add_argument(config_flag(f.name, f.default), dest=f.name, action=action, help=text)
             continue
         choices = meta["choices"]
-        extra = {"choices": list(choices())} if choices is not None else {"type": kind}
+        # A list is kept as it is: the data names' list also admits every xmc:NAME (config.DataNames).
+        valid = choices() if choices is not None else None
+        extra = {"choices": valid if isinstance(valid, list) else list(valid)} if valid is not None else {"type": kind}
         if meta["metavar"]:
             extra["metavar"] = meta["metavar"]
         group.add_argument(config_flag(f.name, f.default), dest=f.name, help=text, **extra)
@@ -216,12 +218,20 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     if config.method == "dense":
         parser.error(f"{args['checkpoint']} is a dense run; nothing to condense")
     from srigl.app.datasets import dataset_info
+    from srigl.app.datasets.xmc_sources import is_xmc
 
     condensed, report = condense(model, return_report=True)
-    info = dataset_info(config.data)
     # What rebuilds the architecture (the skeleton load_condensed needs for models with custom blocks).
-    skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,
-                "num_classes": info.num_classes}
+    if is_xmc(config.data):
+        factory = "srigl.app.xmc_models.create_xmc_model"
+        inputs = model.get_submodule(model.first_layer_name).in_features
+        skeleton = {"model": config.model, "n_features": inputs, "n_labels": model.head.out_features,
+                    "hidden": config.xmc_hidden}
+    else:
+        factory = "srigl.app.models.create_model"
+        info = dataset_info(config.data)
+        skeleton = {"model": config.model, "in_channels": info.in_channels, "image_size": info.image_size,
+                    "num_classes": info.num_classes}
     try:
         save_condensed(condensed, args["out"], metadata={key: str(value) for key, value in skeleton.items()})
     except OSError as error:  # read-only or full file system, permission denied
@@ -229,7 +239,7 @@ def _run_condense(args: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     call = ", ".join(f"{value!r}" for value in skeleton.values())
     print(f"condensed {args['checkpoint']}: {report['params_before']} -> {report['params_after']} parameters; "
           f"wrote {args['out']}\nload it with: srigl.load_condensed({str(args['out'])!r}, "
-          f"model=srigl.app.models.create_model({call}))")
+          f"model={factory}({call}))")
     return 0
 
 

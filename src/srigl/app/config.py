@@ -34,16 +34,31 @@ def methods() -> list[str]:
     return [METHODS_DENSE, *sorted(ALGORITHMS)]
 
 
-def _dataset_names() -> list[str]:
-    from srigl.app.datasets import list_datasets
+class DataNames(list):
+    """The registered data set names plus ``xmc-synthetic``, and ``xmc:NAME`` for any folder NAME.
 
-    return list_datasets()
+    A list (argparse shows and iterates it as the valid choices) whose ``in`` also admits every
+    ``xmc:NAME``, which no finite list can hold.
+    """
+
+    def __contains__(self, name: object) -> bool:
+        from srigl.app.datasets.xmc_sources import FILES_PREFIX
+
+        return list.__contains__(self, name) or (isinstance(name, str) and name.startswith(FILES_PREFIX))
+
+
+def _dataset_names() -> DataNames:
+    from srigl.app.datasets import list_datasets
+    from srigl.app.datasets.xmc_sources import FILES_PREFIX, SYNTHETIC
+
+    return DataNames([*list_datasets(), SYNTHETIC, FILES_PREFIX + "NAME"])
 
 
 def _model_names() -> list[str]:
     from srigl.app.models import list_models
+    from srigl.app.xmc_models import list_xmc_models
 
-    return list_models()
+    return sorted({*list_models(), *list_xmc_models()})
 
 
 def _option(default: Any, help: str, group: str, choices=None, metavar: str | None = None):
@@ -73,8 +88,14 @@ class TrainConfig:
     """
 
     data: str = _option("fashion-mnist", "data set (default {default})", DATA, choices=_dataset_names)
-    data_dir: str | None = _option(None, "directory searched first for the data files", DATA, metavar="DIR")
-    model: str = _option("mlp", "model (default {default})", DATA, choices=_model_names)
+    data_dir: str | None = _option(None, "directory searched first for the data files (for xmc:NAME also the "
+                                   "folder NAME itself)", DATA, metavar="DIR")
+    model: str = _option("mlp", "model (default {default}; XMC data: mlp or linear)", DATA, choices=_model_names)
+    xmc_hidden: int | None = _option(None, "XMC mlp: hidden width (default 768)", DATA, metavar="N")
+    xmc_points: int | None = _option(None, "xmc-synthetic: training points (default 2000; test: a quarter of it)",
+                                     DATA, metavar="N")
+    xmc_features: int | None = _option(None, "xmc-synthetic: features F (default 500)", DATA, metavar="N")
+    xmc_labels: int | None = _option(None, "xmc-synthetic: labels L (default 1000)", DATA, metavar="N")
     method: str = _option("srigl", "training method: dense or a sparse algorithm (default {default})", SPARSITY,
                           choices=lambda: methods())
     sparsity: float | None = _option(None, "global sparsity in [0, 1) (default 0.9; 0 for dense)", SPARSITY)
@@ -182,12 +203,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             range, or an impossible combination (``gamma_sal`` with a method other than srigl,
             ``no_ablation`` with ``gamma_sal > 0``, a sparsity with ``dense``, ...).
     """
-    from srigl.app.datasets import list_datasets
     from srigl.app.models import list_models
 
     c = dataclasses.replace(config)
-    _choice("data set", c.data, list_datasets())
-    _choice("model", c.model, list_models())
+    _choice("data set", c.data, _dataset_names())
+    _resolve_data_and_model(c, list_models())
     _choice("method", c.method, methods())
     _choice("distribution", c.distribution, DISTRIBUTIONS)
     _choice("optimizer", c.optimizer, OPTIMIZERS)
@@ -254,6 +274,46 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return c
 
 
+def _resolve_data_and_model(c: TrainConfig, image_models: list[str]) -> None:
+    """Check the model against the kind of data and the XMC fields; fill the XMC sizes and ``xmc_hidden``."""
+    from srigl.app.datasets.xmc_sources import SYNTHETIC, check_xmc_name, is_xmc
+    from srigl.app.xmc_models import DEFAULT_HIDDEN, has_hidden, list_xmc_models
+
+    sizes = {name: getattr(c, name) for name in ("xmc_points", "xmc_features", "xmc_labels")}
+    if not is_xmc(c.data):
+        given = [name for name in ("xmc_hidden", *sizes) if getattr(c, name) is not None]
+        if given:
+            raise InvalidConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to XMC data (xmc-synthetic, xmc:NAME) only, not {c.data!r}")
+        if c.model not in image_models:
+            raise InvalidConfigError(
+                f"unknown model {c.model!r} for image data; choose one of: {', '.join(image_models)} "
+                f"(the XMC models {', '.join(list_xmc_models())} take xmc-synthetic or xmc:NAME)"
+            )
+        return
+    check_xmc_name(c.data)
+    if c.model not in list_xmc_models():
+        raise InvalidConfigError(f"unknown model {c.model!r} for XMC data {c.data!r}; choose one of: {', '.join(list_xmc_models())}")
+    if c.data != SYNTHETIC:
+        given = [name for name, value in sizes.items() if value is not None]
+        if given:
+            raise InvalidConfigError(f"{', '.join(given)} size the xmc-synthetic data; {c.data!r} has the sizes its files declare")
+    else:
+        from srigl.app.datasets.xmc_sources import SYNTHETIC_FEATURES, SYNTHETIC_LABELS, SYNTHETIC_POINTS
+
+        defaults = {"xmc_points": SYNTHETIC_POINTS, "xmc_features": SYNTHETIC_FEATURES, "xmc_labels": SYNTHETIC_LABELS}
+        for name, value in sizes.items():
+            if value is not None and value < 1:
+                raise InvalidConfigError(f"{name} must be >= 1, got {value}")
+            setattr(c, name, defaults[name] if value is None else value)
+    if not has_hidden(c.model):
+        if c.xmc_hidden is not None:
+            raise InvalidConfigError(f"xmc_hidden applies to the XMC model 'mlp', not {c.model!r} (no hidden layer)")
+    else:
+        c.xmc_hidden = DEFAULT_HIDDEN if c.xmc_hidden is None else c.xmc_hidden
+        if c.xmc_hidden < 1:
+            raise InvalidConfigError(f"xmc_hidden must be >= 1, got {c.xmc_hidden}")
+
+
 def has_ablation(method: str) -> bool:
     """Whether ``method`` takes ``gamma_sal``: srigl, and any registered subclass of :class:`srigl.SRigL`."""
     cls = ALGORITHMS.get(method)
@@ -265,7 +325,8 @@ def run_name(config: TrainConfig) -> str:
     method = config.method
     if has_ablation(method):
         method += f"-g{config.gamma_sal:g}" if config.gamma_sal else "-noablation"
-    return f"{config.data}-{config.model}-{method}-s{config.sparsity:g}-seed{config.seed}"
+    data = config.data.replace(":", "-")  # xmc:EURLex-4K -> xmc-EURLex-4K, a plain folder name
+    return f"{data}-{config.model}-{method}-s{config.sparsity:g}-seed{config.seed}"
 
 
 def method_label(method: str, gamma_sal: float | None) -> str:

@@ -25,6 +25,10 @@ METRIC_COLUMNS = (
 )
 
 
+# The ranking metrics an XMC run adds to its rows (srigl.app.xmc_metrics), on the test split.
+XMC_RANK_METRICS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, label_smoothing: float = 0.0) -> tuple[float, float]:
     """``(mean loss, accuracy)`` of ``model`` on ``dataset`` in its stored order."""
@@ -80,10 +84,14 @@ def layer_report(model: nn.Module, sparsifier, input_shape: tuple[int, ...]) -> 
 
 
 class MetricsLog:
-    """``metrics.csv`` (and TensorBoard events when available), one row per epoch."""
+    """``metrics.csv`` (and TensorBoard events when available), one row per epoch.
 
-    def __init__(self, run_dir: Path, keep_epochs: int = 0):
+    ``columns`` are the CSV's columns (:data:`METRIC_COLUMNS`; an XMC run adds its ranking metrics).
+    """
+
+    def __init__(self, run_dir: Path, keep_epochs: int = 0, columns: tuple[str, ...] = METRIC_COLUMNS):
         self.path = run_dir / "metrics.csv"
+        self.columns = tuple(columns)
         rows = []
         if keep_epochs and self.path.exists():
             # A resumed run keeps the rows of the epochs its checkpoint covers and drops the rest.
@@ -91,7 +99,7 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= keep_epochs]
         # Rewritten atomically: a crash here must not lose the rows of the epochs already trained.
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=self.columns)
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.path, lambda file: file.write(text.getvalue().encode()))
@@ -108,9 +116,9 @@ class MetricsLog:
         """Write one epoch's row."""
         self.rows.append(dict(row))
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=METRIC_COLUMNS).writerow({k: row[k] for k in METRIC_COLUMNS})
+            csv.DictWriter(handle, fieldnames=self.columns).writerow({k: row[k] for k in self.columns})
         if self.tensorboard is not None:
-            for key in METRIC_COLUMNS[2:]:
+            for key in self.columns[2:]:
                 self.tensorboard.add_scalar(key, row[key], int(row["step"]))
             self.tensorboard.flush()
 
@@ -165,6 +173,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"of {flops.human(final['all_params_dense'])}",
         "",
     ]
+    if "P@1" in final:  # an XMC run: its test accuracy above is P@1
+        ranks = "   ".join(f"{name} {100 * final[name]:.2f}" for name in XMC_RANK_METRICS if name in final)
+        lines.insert(2, f"XMC test ranking (%): {ranks}")
     header = ("layer", "shape", "sparsity", "fan-in", "neurons", "weights", "dense", "MACs", "dense MACs")
     rows = []
     for name, e in summary["layers"].items():

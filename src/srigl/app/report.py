@@ -370,7 +370,9 @@ def write_report(
         "",
     ]
     for data, model in sorted({(c.data, c.model) for c in cells}):
-        lines += [f"## {_md(model)} on {_md(data)}", "", "Final test accuracy %:", "", pivot_table(cells, data, model, "acc"), ""]
+        # An XMC run's test_acc is its P@1 (srigl.app.xmc_train).
+        accuracy = "Final test P@1 % (test accuracy of XMC data)" if data.startswith("xmc") else "Final test accuracy %"
+        lines += [f"## {_md(model)} on {_md(data)}", "", f"{accuracy}:", "", pivot_table(cells, data, model, "acc"), ""]
         lines += ["Active neurons %:", "", pivot_table(cells, data, model, "active"), ""]
     lines += ["## All groups", "", markdown_table(cells), "", "## Plots", ""]
     lines += [f"![accuracy vs sparsity]({acc_png.name})", "", f"![active neurons vs sparsity]({active_png.name})", ""]

@@ -29,9 +29,13 @@ stop with :class:`srigl.errors.ReplicaDivergenceError` when they differ; the mod
 DDP, each rank trains on its shard of the epoch's order (the same strided split a
 ``DistributedSampler`` makes) and only rank 0 prints and writes files.
 
-Only torch and srigl's core (and the app's config, metrics and FLOP modules) are imported at module
-level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module are imported where
-they are used.
+Extreme multi-label data (``xmc-synthetic``, ``xmc:NAME``) is trained by :mod:`srigl.app.xmc_train`
+once :func:`train` has claimed the folder; what both loops share (builders, checkpoint and resume
+steps, the summary) is in :mod:`srigl.app.run_common`.
+
+Only torch and srigl's core (and the app's config, metrics, run_common and FLOP modules) are
+imported at module level; data, models, tqdm, matplotlib, TensorBoard and the checkpoint module
+are imported where they are used.
 """
 
 from __future__ import annotations
@@ -40,113 +44,39 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from srigl.algorithms import get_algorithm
-from srigl.app import flops
-from srigl.app.config import (
-    METHODS_DENSE,
-    NOT_COMPARED,
-    TrainConfig,
-    config_differences,
-    config_from_mapping,
-    dumps_json,
-    dumps_toml,
-    has_ablation,
-    method_label,
-    resolve_config,
+from srigl.app.config import NOT_COMPARED, TrainConfig, config_differences, config_from_mapping, method_label, resolve_config
+from srigl.app.metrics import MetricsLog, evaluate, neuron_totals
+from srigl.app.run_common import (  # noqa: F401 -- lr_factor, CHECKPOINT_NAME and the rest are this module's API too
+    CHECKPOINT_NAME,
+    STEP_FACTOR,
+    STEP_MILESTONES,
+    Process,
+    TrainingInterrupted,
+    build_optimizer,
+    build_scheduler,
+    build_sparsifier,
+    interrupted,
+    lr_factor,
+    progress,
+    resume_state,
+    save_training_state,
+    write_config_toml,
+    write_summary,
 )
-from srigl.app.metrics import MetricsLog, evaluate, layer_report, neuron_totals, plot_curves
 from srigl.app.run_dir import StopSignals, claim_run_dir
 from srigl.errors import InvalidConfigError, ReplicaDivergenceError, SriglError
 
-# The step schedule divides the learning rate by 5 at these fractions of the post-warm-up steps
-# (RigL's CIFAR recipe: /5 at 30k, 60k, 90k of 97.6k steps).
-STEP_MILESTONES = (0.3, 0.6, 0.9)
-STEP_FACTOR = 0.2
-CHECKPOINT_NAME = "last.pt"
-
-
-# ------------------------------------------------------------------------------------- schedules
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
-
-    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. After it, with
-    ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` in [0, 1):
-    ``cosine``: ``(1 + cos(pi p)) / 2``; ``step``: ``0.2 ** (milestones <= p)`` with milestones
-    0.3, 0.6, 0.9; ``constant``: 1.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    p = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
-    if schedule == "step":
-        return STEP_FACTOR ** sum(p >= m for m in STEP_MILESTONES)
-    return 1.0
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, Nesterov) or AdamW over every parameter of ``model``."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
-    total = steps_per_epoch * config.epochs
-    warmup = steps_per_epoch * config.warmup_epochs
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, config.lr_schedule)
-    )
-
-
-def build_sparsifier(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
-    """The sparsifier of ``config.method`` (None for ``dense``)."""
-    if config.method == METHODS_DENSE:
-        return None
-    kwargs: dict[str, Any] = dict(
-        distribution=config.distribution,
-        delta=config.delta,
-        alpha=config.alpha,
-        t_end=int(config.t_end_fraction * total_steps),
-        seed=config.seed,
-        sparse_init=config.sparse_init,
-    )
-    if has_ablation(config.method):
-        kwargs["gamma_sal"] = config.gamma_sal
-    if config.compact:
-        kwargs["compact"] = True
-    return get_algorithm(config.method)(model, optimizer, config.sparsity, total_steps, **kwargs)
-
 
 # --------------------------------------------------------------------------------- distributed
-@dataclass
-class Process:
-    """Where this process runs: its rank among ``world`` processes, and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # this run initialised the process group (and destroys it at the end)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def init_process(device: str = "auto", timeout: float = 300.0) -> Process:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else run alone.
 
@@ -222,27 +152,6 @@ class RankTimeout(SriglError, RuntimeError):
     """A distributed run stopped because a rank did not answer within ``dist_timeout`` seconds."""
 
 
-class TrainingInterrupted(SriglError):
-    """Training was stopped by a signal; a checkpoint to resume from was written (its path is in the message).
-
-    Attributes:
-        signal_number: the signal (``signal.SIGINT`` or ``signal.SIGTERM``); the CLI exits with
-            ``128 + signal_number`` as shells do (130, 143).
-    """
-
-    def __init__(self, message: str, signal_number: int = signal.SIGINT):
-        super().__init__(message)
-        self.signal_number = int(signal_number)
-
-
-def _progress(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    from srigl._optional import require
-
-    return require("tqdm.auto", "the training progress bar").tqdm(iterable, **kwargs)
-
-
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
     """Run one training run and write its folder (see the module docstring).
 
@@ -276,6 +185,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 setup_error = error
         _check_ranks_agree(cfg, proc, setup_error)
         try:
+            from srigl.app.datasets.xmc_sources import is_xmc
+
+            if is_xmc(cfg.data):  # extreme multi-label data: its own loop, the same run folder
+                from srigl.app import xmc_train
+
+                return xmc_train.run(cfg, proc, resume, stop, log)
             return _run(cfg, proc, resume, stop, log)
         except RuntimeError as error:
             # gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog reports "timeout".
@@ -312,7 +227,6 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
-    ckpt_dir = run_dir / "checkpoints"
     say = log if proc.main else (lambda *a, **k: None)
 
     train_loader, test_loader, info = datasets.make_loaders(
@@ -348,55 +262,24 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
 
     start_epoch, start_batch, step = 0, 0, 0
     carry = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
-    from srigl.io import checkpoint
-    from srigl.io.atomic import atomic_write
-
     if resume:
-        latest = checkpoint.latest_checkpoint(run_dir)
-        if latest is None:
-            raise InvalidConfigError(f"nothing to resume: no checkpoint in {ckpt_dir}")
-        state = checkpoint.load_checkpoint(latest, map_location=proc.device)
-        saved = state.get("extra", {}).get("config") or {}
-        differences = config_differences(saved, cfg.to_dict())
-        if differences:
-            listed = "; ".join(f"{k}: checkpoint {a!r}, given {b!r}" for k, (a, b) in differences.items())
-            raise InvalidConfigError(f"cannot resume {latest} with another config: {listed}")
-        extra = checkpoint.restore_training_state(state, model, optimizer, sparsifier, scheduler)
-        start_epoch, start_batch, step = int(extra["epoch"]), int(extra["batch"]), int(extra["step"])
-        carry = {k: float(v) for k, v in extra.get("partial", carry).items()}
-        if start_epoch >= cfg.epochs:
-            say(f"{run_dir} already finished all {cfg.epochs} epochs ({latest}); rewriting its summary")
-        else:
-            say(f"resuming {run_dir} from {latest}: epoch {start_epoch + 1}/{cfg.epochs}, batch {start_batch}, step {step}")
+        start_epoch, start_batch, step, carry = resume_state(
+            run_dir, cfg, model, optimizer, sparsifier, scheduler, proc.device, carry, say
+        )
     if proc.main:
-        text = dumps_toml(cfg.to_dict())
-        toml = run_dir / "config.toml"
-        if not toml.exists() or toml.read_bytes() != text.encode():
-            atomic_write(toml, lambda file: file.write(text.encode()))
+        write_config_toml(run_dir, cfg)
     metrics = MetricsLog(run_dir, keep_epochs=start_epoch if resume else 0) if proc.main else None
 
-    def save(epoch: int, batch: int, partial: Mapping[str, float]) -> Path | None:
+    def save(epoch: int, batch: int, partial: dict[str, float]) -> Path | None:
         if not proc.main:
             return None
-        state = checkpoint.training_state(
-            model, optimizer, sparsifier, scheduler,
-            epoch=epoch, batch=batch, step=step, partial=dict(partial), config=cfg.to_dict(),
-        )
-        path = ckpt_dir / CHECKPOINT_NAME
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_checkpoint(path, state)
-        return path
+        return save_training_state(run_dir, cfg, model, optimizer, sparsifier, scheduler, epoch=epoch, batch=batch,
+                                   step=step, partial=partial)
 
-    def interrupted(where: str, path: Path | None) -> TrainingInterrupted:
+    def stopped(where: str, path: Path | None) -> TrainingInterrupted:
         if metrics is not None:
             metrics.close()
-        signum = stop.received if stop.received is not None else signal.SIGINT  # another rank's signal
-        return TrainingInterrupted(
-            f"interrupted by {signal.Signals(signum).name} {where}, step {step}; "
-            + (f"checkpoint {path}" if path else "rank 0 writes the checkpoint")
-            + f"; continue with `srigl train --resume {run_dir}`",
-            signum,
-        )
+        return interrupted(stop.received, where, step, path, run_dir)
 
     show = cfg.progress and proc.main and sys.stderr.isatty()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -406,7 +289,7 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
         f"{method_label(cfg.method, cfg.gamma_sal)} at sparsity {cfg.sparsity:g}, {cfg.epochs} epochs x "
         f"{steps_per_epoch} steps, device {proc.device}" + (f", {proc.world} processes" if proc.world > 1 else "")
     )
-    epoch_bar = _progress(range(start_epoch, cfg.epochs), show, desc="epochs", initial=start_epoch, total=cfg.epochs)
+    epoch_bar = progress(range(start_epoch, cfg.epochs), show, desc="epochs", initial=start_epoch, total=cfg.epochs)
     for epoch in epoch_bar:
         skip = start_batch if epoch == start_epoch else 0
         if skip == 0:
@@ -415,7 +298,7 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
         order = datasets.shard(datasets.epoch_order(len(train_set), cfg.seed, epoch), proc.rank, proc.world)
         # Skipping already-trained batches of a resumed epoch costs nothing: the order is sliced.
         stream = datasets.batches(train_set, order[skip * cfg.batch_size :], cfg.batch_size)
-        bar = _progress(stream, show, desc=f"epoch {epoch + 1}", total=steps_per_epoch, initial=skip, leave=False)
+        bar = progress(stream, show, desc=f"epoch {epoch + 1}", total=steps_per_epoch, initial=skip, leave=False)
         loss_sum = torch.zeros((), dtype=torch.float64, device=proc.device)
         correct = torch.zeros((), dtype=torch.long, device=proc.device)
         seen, grown, batch_index = 0, 0, skip
@@ -452,7 +335,7 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
                 "seen": carry["seen"] + seen, "grown": carry["grown"] + grown,
                 "seconds": carry["seconds"] + time.perf_counter() - started,
             }
-            raise interrupted(f"at epoch {epoch + 1}, batch {batch_index}", save(epoch, batch_index, partial))
+            raise stopped(f"at epoch {epoch + 1}, batch {batch_index}", save(epoch, batch_index, partial))
         totals = _all_sum([carry["loss_sum"] + float(loss_sum), carry["correct"] + int(correct), carry["seen"] + seen], proc)
         train_loss, train_acc = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
         if proc.main:
@@ -489,11 +372,12 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
         path = save(epoch + 1, 0, {k: 0.0 for k in carry})
         if epoch + 1 < cfg.epochs and _stop_requested(stop, proc):
             # A signal during the last step, the evaluation or the save: the epoch's checkpoint is the one.
-            raise interrupted(f"after epoch {epoch + 1}", path)
+            raise stopped(f"after epoch {epoch + 1}", path)
 
     summary = None
     if proc.main:
-        summary = _finish(cfg, base, sparsifier, input_shape, metrics, run_dir, total_steps, steps_per_epoch, step, proc)
+        summary = write_summary(cfg, base, sparsifier, input_shape, metrics.rows, run_dir, total_steps, steps_per_epoch,
+                                step, proc.world)
         metrics.close()
     if proc.world > 1:
         import torch.distributed as dist
@@ -501,53 +385,6 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
         dist.barrier()  # no rank leaves before rank 0 has written the run folder
         if proc.owns_group:
             dist.destroy_process_group()
-    return summary
-
-
-def _finish(cfg, model, sparsifier, input_shape, metrics, run_dir, total_steps, steps_per_epoch, step, proc) -> dict[str, Any]:
-    """Build the summary; on rank 0 write summary.json and the plot."""
-    rows = metrics.rows if metrics is not None else []
-    last = rows[-1] if rows else {}
-    layers = layer_report(model, sparsifier, input_shape)
-    costs = flops.total(flops.count_costs(model, input_shape))
-    all_dense, all_active = flops.count_parameters(model)
-    active, neurons = neuron_totals(model, sparsifier, input_shape)
-    summary = {
-        "label": method_label(cfg.method, cfg.gamma_sal),
-        "config": cfg.to_dict(),
-        "run": {
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "steps_done": step,
-            "t_end": sparsifier.schedule.t_end if sparsifier is not None else None,
-            "world_size": proc.world,
-            "torch": torch.__version__,
-            "seconds": sum(r["seconds"] for r in rows),
-            "sparsifier": sparsifier.config() if sparsifier is not None else None,
-        },
-        "final": {
-            "epoch": int(last.get("epoch", 0)),
-            "test_acc": last.get("test_acc"),
-            "test_loss": last.get("test_loss"),
-            "train_acc": last.get("train_acc"),
-            "train_loss": last.get("train_loss"),
-            "global_sparsity": sparsifier.global_sparsity() if sparsifier is not None else 0.0,
-            "active_neurons": active,
-            "neurons": neurons,
-            "active_neuron_fraction": active / max(neurons, 1),
-            "all_params_dense": all_dense,
-            "all_params": all_active,
-            **costs,
-        },
-        "layers": layers,
-    }
-    if proc.main:
-        from srigl.io.atomic import atomic_write
-
-        text = dumps_json(summary) + "\n"
-        atomic_write(run_dir / "summary.json", lambda file: file.write(text.encode()))
-        if cfg.plot and rows:
-            plot_curves(rows, run_dir / "curves.png", f"{summary['label']} {cfg.model} {cfg.data} s={cfg.sparsity:g}")
     return summary
 
 
@@ -569,7 +406,9 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """
     from srigl.io.checkpoint import latest_checkpoint, load_checkpoint
     from srigl.app.datasets import dataset_info
+    from srigl.app.datasets.xmc_sources import is_xmc
     from srigl.app.models import create_model
+    from srigl.app.xmc_models import create_xmc_model
 
     found = latest_checkpoint(path)
     if found is None:
@@ -579,8 +418,14 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     if saved is None:
         raise InvalidConfigError(f"{found} has no run config in its 'extra' entry; it was not written by `srigl train`")
     config = config_from_mapping({k: v for k, v in saved.items() if v is not None}, str(found))
-    info = dataset_info(config.data)
-    model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
+    if is_xmc(config.data):
+        model_args = state["extra"].get("model_args")
+        if not isinstance(model_args, dict):
+            raise InvalidConfigError(f"{found} is an XMC run's checkpoint without its model sizes ('model_args')")
+        model = create_xmc_model(config.model, **model_args)
+    else:
+        info = dataset_info(config.data)
+        model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
     if state.get("sparsifier") is not None:
         # Rebuild the sparsifier as it trained so that the masks (or compact layouts) land where
         # they belong; its schedule does not matter here.

@@ -62,6 +62,7 @@ def iterate_batches(
     epoch: int = 0,
     sparse_features: bool = False,
     drop_last: bool = False,
+    start_batch: int = 0,
 ) -> Iterator[XMCBatch]:
     """The batches of one epoch, in an order that is a pure function of ``(seed, epoch)``.
 
@@ -74,6 +75,8 @@ def iterate_batches(
         sparse_features: yield features as a ``(B, F)`` sparse CSR tensor instead of dense; the
             dense batch costs ``4 * B * F`` bytes.
         drop_last: skip a final partial batch.
+        start_batch: begin with this batch of the epoch (a resumed epoch skips the batches it
+            trained; nothing is gathered for them).
 
     Yields:
         :class:`XMCBatch` on the CPU; move ``features`` to the device in the training loop.
@@ -89,7 +92,7 @@ def iterate_batches(
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
+    for start in range(start_batch * batch_size, stop, batch_size):
         row_ids = order[start:start + batch_size]  # (B,)
         features = take_rows(dataset.features, row_ids)
         yield XMCBatch(

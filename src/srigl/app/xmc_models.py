@@ -1,0 +1,82 @@
+"""Models of extreme multi-label classification (XMC) runs, by name: ``F`` bag-of-words features in,
+one logit per label (``L`` of them) out.
+
+* ``mlp``: ``Linear(F, hidden) -> ReLU -> Linear(hidden, L)``: a dense-input feature layer and the
+  ``L``-way output head (``hidden`` defaults to 768, the width of a BERT-base embedding).
+* ``linear``: ``Linear(F, L)``: the head alone, for features that are already dense embeddings
+  (from a frozen encoder, for instance).
+
+Both name their head in ``classifier_name`` (``"head"``), as the image models do. The sparsifier
+finds the output layer by tracing the forward: the head is the last layer called, so it is
+sparsified like every other ``Linear`` (SRigL keeps its fan-in constant per label) and is never
+ablated: a label whose neuron were ablated could never be predicted again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from srigl.errors import InvalidConfigError
+
+DEFAULT_HIDDEN = 768
+
+
+class XMCMLP(nn.Module):
+    """``(B, F)`` features -> ``(B, hidden)`` ReLU -> ``(B, L)`` label logits."""
+
+    classifier_name = "head"
+    first_layer_name = "features"
+
+    def __init__(self, n_features: int, n_labels: int, hidden: int = DEFAULT_HIDDEN):
+        super().__init__()
+        self.features = nn.Linear(n_features, hidden)
+        self.head = nn.Linear(hidden, n_labels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).relu())
+
+
+class XMCLinear(nn.Module):
+    """``(B, F)`` dense features -> ``(B, L)`` label logits: the output head alone."""
+
+    classifier_name = "head"
+    first_layer_name = "head"
+
+    def __init__(self, n_features: int, n_labels: int):
+        super().__init__()
+        self.head = nn.Linear(n_features, n_labels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
+
+# name -> (factory(n_features, n_labels, hidden), whether it has a hidden layer)
+_XMC_MODELS: dict[str, tuple[Callable[[int, int, int], nn.Module], bool]] = {
+    "mlp": (lambda f, l, h: XMCMLP(f, l, h), True),
+    "linear": (lambda f, l, h: XMCLinear(f, l), False),
+}
+
+
+def list_xmc_models() -> list[str]:
+    """Names of the XMC models, sorted."""
+    return sorted(_XMC_MODELS)
+
+
+def has_hidden(name: str) -> bool:
+    """Whether XMC model ``name`` takes a hidden width."""
+    return _XMC_MODELS[name][1]
+
+
+def create_xmc_model(name: str, n_features: int, n_labels: int, hidden: int | None = None) -> nn.Module:
+    """Build XMC model ``name`` for ``n_features`` inputs and ``n_labels`` outputs.
+
+    Draws its initial weights from the global RNG (call ``torch.manual_seed`` first).
+
+    Raises:
+        InvalidConfigError: an unknown name (the valid ones are listed).
+    """
+    if name not in _XMC_MODELS:
+        raise InvalidConfigError(f"unknown XMC model {name!r}; choose one of: {', '.join(list_xmc_models())}")
+    return _XMC_MODELS[name][0](n_features, n_labels, hidden or DEFAULT_HIDDEN)
