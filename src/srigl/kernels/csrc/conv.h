@@ -1,0 +1,360 @@
+// Condensed conv2d with implicit im2col: y[n, rows[o], p] = sum_j values[o, j] * x[n, c, p*s + off]
+// where indices[o, j] encodes (c, a, b) of the weight's own (C/groups, kh, kw) order, for an input
+// x already padded by the caller. Forward, grad_x and grad_values, without an unfolded tensor.
+//
+// Layout: batch-innermost tiles. A tile of W = NV vector widths of batch entries (W <= 64) of x is
+// transposed into xt (C, Hp, Wp, W), so that every weight (o, j) at every output pixel is one
+// multiply-add of NV contiguous vectors, with the NV accumulators of an output pixel held in
+// registers across the whole fan-in (the same idea as tiled.h's transposed layout, with the
+// kernel's spatial shift folded into a precomputed offset per (o, j)). Batch lanes past the batch
+// are zero in every transposed buffer, so they add nothing.
+//
+// Loop order (why): the three passes walk output rows oh outermost, so the part of xt (or of the
+// transposed grad_y) that one row of work reads is the kh input rows below it, for every channel —
+// C * kh * Wp * W elements, about L2-sized for ResNet layers at W = 64 — instead of the whole tile.
+//
+// * forward: parallel over (oh, o); each (o, oh) row is written once, through a (Wo, W) buffer
+//   transposed into y. Inactive output channels are zeroed.
+// * grad_values: the same walk; per-chunk private (n_active, k) accumulators (chunks = threads, a
+//   fixed split, reduced in a fixed order so results do not depend on scheduling).
+// * grad_x: the gather form, parallel over (ih, c), so each input row is written once and no
+//   atomics or private copies of grad_x are needed: the entries (o, j) reading channel c are listed
+//   per channel (a CSC view of the indices built per call, n_active * k entries); for an input row
+//   ih those whose kernel row lands on it are kept, split by column class iw mod sw. The transposed
+//   grad_y has zero halo columns, so an entry whose output column falls outside [0, Wo) reads
+//   zeros instead of needing a branch.
+
+#pragma once
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+
+#include "gather.h"  // reduce_chunks
+#include "vec.h"
+
+namespace srigl_fanin {
+namespace {
+
+constexpr int64_t kConvMaxTile = 64;  // batch entries per tile (W); larger batches take several tiles
+
+struct ConvShape {
+  int64_t batch, channels, hp, wp;  // padded input
+  int64_t out_channels, n_active, k;
+  int64_t kh, kw, sh, sw, dh, dw, groups;
+  int64_t ho, wo;
+  int64_t channels_per_group() const { return channels / groups; }
+  int64_t outs_per_group() const { return out_channels / groups; }
+};
+
+// Per (o, j): the input channel and the kernel tap's (row, column) shift in input pixels.
+struct ConvTaps {
+  std::vector<int64_t> channel, row_shift, col_shift;
+};
+
+template <typename I>
+ConvTaps conv_taps(const I* indices, const int64_t* rows, const ConvShape& s) {
+  ConvTaps t;
+  const int64_t n = s.n_active * s.k;
+  t.channel.resize(n);
+  t.row_shift.resize(n);
+  t.col_shift.resize(n);
+  const int64_t taps = s.kh * s.kw;
+  for (int64_t o = 0; o < s.n_active; ++o) {
+    const int64_t base = rows[o] / s.outs_per_group() * s.channels_per_group();
+    for (int64_t j = 0; j < s.k; ++j) {
+      const int64_t e = o * s.k + j;
+      const int64_t idx = indices[e];
+      const int64_t tap = idx % taps;
+      t.channel[e] = base + idx / taps;
+      t.row_shift[e] = tap / s.kw * s.dh;
+      t.col_shift[e] = tap % s.kw * s.dw;
+    }
+  }
+  return t;
+}
+
+// xt (C, Hp, Wp, W) <- x[n0 : n0 + nb] (N, C, Hp, Wp); lanes nb..W zero.
+template <typename T>
+void conv_transpose_in(const T* x, T* xt, const ConvShape& s, int64_t n0, int64_t nb, int64_t width) {
+  const int64_t plane = s.hp * s.wp;
+  at::parallel_for(0, s.channels * s.hp, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // r = c * Hp + ih: one input row
+      T* dst = xt + r * s.wp * width;  // (Wp, W)
+      if (nb < width) std::memset(dst, 0, s.wp * width * sizeof(T));
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* src = x + (n0 + b) * s.channels * plane + r * s.wp;
+        for (int64_t iw = 0; iw < s.wp; ++iw) dst[iw * width + b] = src[iw];
+      }
+    }
+  });
+}
+
+// Fixed split of [0, total) into `chunks` ranges (the same for a given thread count).
+inline std::pair<int64_t, int64_t> chunk_range(int64_t total, int64_t chunks, int64_t c) {
+  return {total * c / chunks, total * (c + 1) / chunks};
+}
+
+// Output pixels per register block: OWB * NV accumulators, which with the loaded vectors must fit
+// the register file (32 vector registers with AVX-512, 16 otherwise). Blocking neighbouring
+// output columns gives OWB * NV independent multiply-add chains per fan-in entry (one chain per
+// vector would wait on the FMA latency) and reads OWB neighbouring positions of the same xt row.
+template <int NV>
+constexpr int conv_block() {
+  constexpr int regs = kVecBytes == 64 ? 24 : 12;
+  return std::max(1, std::min(8, regs / NV));
+}
+
+template <typename T, int NV>
+void conv_forward_tile(const T* xt, const T* values, const int64_t* offsets, const int64_t* rows, T* y,
+                       const ConvShape& s, int64_t n0, int64_t nb) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::kLanes;
+  constexpr int64_t W = NV * L;
+  constexpr int OWB = conv_block<NV>();
+  const int64_t k = s.k;
+  const int64_t row_step = s.sh * s.wp * W;  // xt elements between output rows
+  const int64_t col_step = s.sw * W;
+  const int64_t out_plane = s.ho * s.wo;
+  const int64_t wo_blocked = round_up(s.wo, OWB);
+  at::parallel_for(0, s.ho * s.n_active, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> buffer(wo_blocked * W);  // (Wo, W): one output row, batch innermost
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t oh = i / s.n_active;
+      const int64_t o = i % s.n_active;
+      const T* w = values + o * k;
+      const int64_t* off = offsets + o * k;
+      // The last block may compute up to OWB - 1 columns past Wo (reading xt's tail padding or the
+      // next row); they land in the buffer and are not copied out.
+      for (int64_t ow = 0; ow < s.wo; ow += OWB) {
+        const T* base = xt + oh * row_step + ow * col_step;
+        typename V::type acc[OWB][NV];
+        for (int u = 0; u < OWB; ++u)
+          for (int v = 0; v < NV; ++v) acc[u][v] = typename V::type{};
+        for (int64_t j = 0; j < k; ++j) {
+          const T* src = base + off[j];
+          const T wj = w[j];
+          for (int u = 0; u < OWB; ++u)
+            for (int v = 0; v < NV; ++v) acc[u][v] += wj * load<T>(src + u * col_step + v * L);
+        }
+        for (int u = 0; u < OWB; ++u)
+          for (int v = 0; v < NV; ++v) store<T>(buffer.data() + (ow + u) * W + v * L, acc[u][v]);
+      }
+      T* dst = y + (n0 * s.out_channels + rows[o]) * out_plane + oh * s.wo;
+      for (int64_t b = 0; b < nb; ++b) {
+        T* d = dst + b * s.out_channels * out_plane;
+        for (int64_t ow = 0; ow < s.wo; ++ow) d[ow] = buffer[ow * W + b];
+      }
+    }
+  });
+}
+
+// gyt (n_active, Ho, Wg, W) <- grad_y[n0 : n0 + nb, rows[o]], the output row shifted right by `halo`
+// columns; halo columns and lanes past nb zero.
+template <typename T>
+void conv_transpose_grad(const T* grad_y, T* gyt, const int64_t* rows, const ConvShape& s, int64_t n0, int64_t nb,
+                         int64_t width, int64_t halo, int64_t wg) {
+  const int64_t out_plane = s.ho * s.wo;
+  at::parallel_for(0, s.n_active * s.ho, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // r = o * Ho + oh
+      const int64_t o = r / s.ho;
+      const int64_t oh = r % s.ho;
+      T* dst = gyt + r * wg * width;  // (Wg, W)
+      std::memset(dst, 0, wg * width * sizeof(T));
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* src = grad_y + ((n0 + b) * s.out_channels + rows[o]) * out_plane + oh * s.wo;
+        for (int64_t ow = 0; ow < s.wo; ++ow) dst[(ow + halo) * width + b] = src[ow];
+      }
+    }
+  });
+}
+
+// scratch[c, o * k + j] += sum over this tile of gyt[o, oh, ow] . xt[shifted]: chunk c of a fixed
+// split of the (oh, o) rows.
+template <typename T, int NV>
+void conv_grad_values_tile(const T* xt, const T* gyt, const int64_t* offsets, T* scratch, int64_t chunks,
+                           const ConvShape& s, int64_t halo, int64_t wg) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::kLanes;
+  constexpr int64_t W = NV * L;
+  const int64_t k = s.k;
+  const int64_t row_step = s.sh * s.wp * W;
+  const int64_t col_step = s.sw * W;
+  const int64_t total = s.ho * s.n_active;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* gv = scratch + c * s.n_active * k;
+      const auto [i0, i1] = chunk_range(total, chunks, c);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t oh = i / s.n_active;
+        const int64_t o = i % s.n_active;
+        const T* g = gyt + ((o * s.ho + oh) * wg + halo) * W;  // (Wo, W), contiguous
+        const int64_t* off = offsets + o * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const T* src = xt + oh * row_step + off[j];
+          // Two sets of accumulators (even and odd columns): independent chains, as in the forward.
+          typename V::type acc[2][NV];
+          for (int u = 0; u < 2; ++u)
+            for (int v = 0; v < NV; ++v) acc[u][v] = typename V::type{};
+          int64_t ow = 0;
+          for (; ow + 2 <= s.wo; ow += 2) {
+            for (int u = 0; u < 2; ++u)
+              for (int v = 0; v < NV; ++v)
+                acc[u][v] += load<T>(g + (ow + u) * W + v * L) * load<T>(src + (ow + u) * col_step + v * L);
+          }
+          for (; ow < s.wo; ++ow) {
+            for (int v = 0; v < NV; ++v) acc[0][v] += load<T>(g + ow * W + v * L) * load<T>(src + ow * col_step + v * L);
+          }
+          for (int v = 0; v < NV; ++v) acc[0][v] += acc[1][v];
+          for (int v = 1; v < NV; ++v) acc[0][0] += acc[0][v];
+          gv[o * k + j] += horizontal_sum<T>(acc[0][0]);
+        }
+      }
+    }
+  });
+}
+
+// An entry of the CSC view: a weight (o, j) reading channel c, as what grad_x's gather needs.
+struct ConvEntry {
+  int64_t entry;        // o * k + j
+  int64_t o;
+  int64_t row_q, row_r;  // row_shift / sh, row_shift % sh
+  int64_t col_q, col_r;  // col_shift / sw, col_shift % sw
+};
+
+// grad_x[n0 : n0 + nb] (N, C, Hp, Wp) <- sum over (o, j) reading it of values[o, j] * grad_y[...]
+template <typename T, int NV>
+void conv_grad_x_tile(const T* gyt, const T* values, const std::vector<int64_t>& channel_start,
+                      const std::vector<ConvEntry>& entries, T* grad_x, const ConvShape& s, int64_t n0, int64_t nb,
+                      int64_t halo, int64_t wg) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::kLanes;
+  constexpr int64_t W = NV * L;
+  constexpr int OWB = conv_block<NV>();
+  const int64_t plane = s.hp * s.wp;
+  at::parallel_for(0, s.hp * s.channels, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> buffer(s.wp * W);  // (Wp, W): one input row
+    // Per column class r (iw mod sw): (gyt offset of output column 0 shifted by the halo, value).
+    std::vector<std::vector<std::pair<int64_t, T>>> live(s.sw);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ih = i / s.channels;
+      const int64_t c = i % s.channels;
+      const int64_t qh = ih / s.sh;
+      const int64_t rh = ih % s.sh;
+      for (auto& l : live) l.clear();
+      for (int64_t e = channel_start[c]; e < channel_start[c + 1]; ++e) {
+        const ConvEntry& t = entries[e];
+        const int64_t oh = qh - t.row_q;
+        if (t.row_r != rh || oh < 0 || oh >= s.ho) continue;
+        // Output column ow = iw / sw - col_q lives at gyt column ow + halo.
+        live[t.col_r].emplace_back(((t.o * s.ho + oh) * wg + halo - t.col_q) * W, values[t.entry]);
+      }
+      // Columns of class r are iw = qw * sw + r; OWB consecutive qw at a time (gyt has OWB zero
+      // columns of slack on the right for the last block).
+      for (int64_t r = 0; r < s.sw; ++r) {
+        const auto& list = live[r];
+        for (int64_t qw = 0; qw * s.sw + r < s.wp; qw += OWB) {
+          const T* g = gyt + qw * W;
+          typename V::type acc[OWB][NV];
+          for (int u = 0; u < OWB; ++u)
+            for (int v = 0; v < NV; ++v) acc[u][v] = typename V::type{};
+          for (const auto& [offset, value] : list) {
+            for (int u = 0; u < OWB; ++u)
+              for (int v = 0; v < NV; ++v) acc[u][v] += value * load<T>(g + offset + u * W + v * L);
+          }
+          for (int u = 0; u < OWB; ++u) {
+            const int64_t iw = (qw + u) * s.sw + r;
+            if (iw >= s.wp) break;
+            for (int v = 0; v < NV; ++v) store<T>(buffer.data() + iw * W + v * L, acc[u][v]);
+          }
+        }
+      }
+      T* dst = grad_x + (n0 * s.channels + c) * plane + ih * s.wp;
+      for (int64_t b = 0; b < nb; ++b) {
+        T* d = dst + b * s.channels * plane;
+        for (int64_t iw = 0; iw < s.wp; ++iw) d[iw] = buffer[iw * W + b];
+      }
+    }
+  });
+}
+
+// The whole operator for one (T, NV): loops over batch tiles.
+template <typename T, int NV>
+void conv_run(const ConvShape& s, const ConvTaps& taps, const T* x, const T* values, const int64_t* rows, T* y,
+              const T* grad_y, T* grad_x, T* grad_values) {
+  constexpr int64_t W = NV * Vec<T>::kLanes;
+  const int64_t n_entries = s.n_active * s.k;
+  // Offsets of each tap in xt: channel plane, shifted row, shifted column.
+  std::vector<int64_t> offsets(n_entries);
+  for (int64_t e = 0; e < n_entries; ++e) {
+    offsets[e] = ((taps.channel[e] * s.hp + taps.row_shift[e]) * s.wp + taps.col_shift[e]) * W;
+  }
+  const bool backward = grad_y != nullptr;
+  const bool need_x = backward && grad_x != nullptr;
+  const bool need_values = backward && grad_values != nullptr;
+  // gyt halo: an entry's output column iw / sw - col_q ranges over [-max col_q, (Wp - 1) / sw].
+  int64_t halo = 0;
+  for (int64_t e = 0; need_x && e < n_entries; ++e) halo = std::max(halo, taps.col_shift[e] / s.sw);
+  // Columns: the halo, then room for every output column and for the grad_x blocks' last read.
+  constexpr int OWB = conv_block<NV>();
+  const int64_t wg = halo + std::max(s.wo, (s.wp - 1) / s.sw + 1) + OWB;
+  std::vector<int64_t> channel_start;
+  std::vector<ConvEntry> entries;
+  if (need_x) {  // CSC view: entries grouped by input channel, in (o, j) order within a channel
+    channel_start.assign(s.channels + 1, 0);
+    for (int64_t e = 0; e < n_entries; ++e) ++channel_start[taps.channel[e] + 1];
+    for (int64_t c = 0; c < s.channels; ++c) channel_start[c + 1] += channel_start[c];
+    entries.resize(n_entries);
+    std::vector<int64_t> cursor(channel_start.begin(), channel_start.end() - 1);
+    for (int64_t e = 0; e < n_entries; ++e) {
+      entries[cursor[taps.channel[e]]++] = ConvEntry{e, e / s.k, taps.row_shift[e] / s.sh, taps.row_shift[e] % s.sh,
+                                                     taps.col_shift[e] / s.sw, taps.col_shift[e] % s.sw};
+    }
+  }
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.ho * s.n_active));
+  std::vector<T> scratch;
+  if (need_values) scratch.assign(chunks * n_entries, T(0));
+  const bool need_xt = !backward || need_values;
+  // Tail slack: the forward's last column block may read OWB strides past the last row.
+  std::vector<T> xt(need_xt ? s.channels * s.hp * s.wp * W + OWB * s.sw * W : 0);
+  std::vector<T> gyt(backward ? s.n_active * s.ho * wg * W : 0);
+  for (int64_t n0 = 0; n0 < s.batch; n0 += W) {
+    const int64_t nb = std::min<int64_t>(W, s.batch - n0);
+    if (need_xt) conv_transpose_in<T>(x, xt.data(), s, n0, nb, W);
+    if (!backward) {
+      conv_forward_tile<T, NV>(xt.data(), values, offsets.data(), rows, y, s, n0, nb);
+      continue;
+    }
+    conv_transpose_grad<T>(grad_y, gyt.data(), rows, s, n0, nb, W, halo, wg);
+    if (need_values) conv_grad_values_tile<T, NV>(xt.data(), gyt.data(), offsets.data(), scratch.data(), chunks, s, halo, wg);
+    if (need_x) conv_grad_x_tile<T, NV>(gyt.data(), values, channel_start, entries, grad_x, s, n0, nb, halo, wg);
+  }
+  if (need_values) reduce_chunks(scratch.data(), chunks, n_entries, grad_values);
+}
+
+// Target footprint of the xt rows one output row reads (C * kh input rows of Wp * W elements): it
+// is re-read by every output channel, so it must stay in L2 with room to spare; at W = 64 a ResNet
+// layer's rows fill a 2 MiB L2 and the forward slows several-fold (results/compact_conv.md).
+constexpr int64_t kConvRowsBytes = 512 << 10;
+
+// Vectors per tile: the fewest that cover the batch, up to kConvMaxTile entries and the L2 budget
+// above (at least one vector); max_tile > 0 caps the tile's batch entries (a tuning knob).
+template <typename T, typename F>
+void conv_dispatch_width(const ConvShape& s, int64_t max_tile, F&& f) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t rows_bytes = s.channels * s.kh * s.wp * L * static_cast<int64_t>(sizeof(T));  // per vector
+  int64_t cap = std::min<int64_t>(kConvMaxTile / L, std::max<int64_t>(1, kConvRowsBytes / std::max<int64_t>(1, rows_bytes)));
+  if (max_tile > 0) cap = std::min(cap, std::max<int64_t>(1, max_tile / L));
+  const int64_t need = std::min(cap, ceil_div(s.batch, L));
+  if (need <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (need <= 3) {
+    f(std::integral_constant<int, 2>{});
+  } else if (need <= 7 || 8 * L > kConvMaxTile) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+}  // namespace
+}  // namespace srigl_fanin
