@@ -19,10 +19,9 @@
 //   fixed split, reduced in a fixed order so results do not depend on scheduling).
 // * grad_x: the gather form, parallel over (ih, c), so each input row is written once and no
 //   atomics or private copies of grad_x are needed: the entries (o, j) reading channel c are listed
-//   per channel (a CSC view of the indices built per call, n_active * k entries); for an input row
-//   ih those whose kernel row lands on it are kept, split by column class iw mod sw. The transposed
-//   grad_y has zero halo columns, so an entry whose output column falls outside [0, Wo) reads
-//   zeros instead of needing a branch.
+//   per channel and stride class (a CSC view of the indices built per call, see ConvColumns). The
+//   transposed grad_y has zero halo columns, so an entry whose output column falls outside
+//   [0, Wo) reads zeros instead of needing a branch.
 
 #pragma once
 
@@ -104,6 +103,30 @@ constexpr int conv_block() {
   return std::max(1, std::min(8, regs / NV));
 }
 
+// Calls body(first, std::integral_constant<int, U>) over the columns [0, n) in blocks of U = OWB
+// while they fit, then 4, 2 and 1 (narrow layers, such as ResNet's last stage at 4 columns, would
+// otherwise compute mostly padding).
+template <int OWB, typename F>
+inline void for_column_blocks(int64_t n, F&& body) {
+  int64_t c = 0;
+  for (; c + OWB <= n; c += OWB) body(c, std::integral_constant<int, OWB>{});
+  if constexpr (OWB > 4) {
+    if (c + 4 <= n) {
+      body(c, std::integral_constant<int, 4>{});
+      c += 4;
+    }
+  }
+  if constexpr (OWB > 2) {
+    if (c + 2 <= n) {
+      body(c, std::integral_constant<int, 2>{});
+      c += 2;
+    }
+  }
+  if constexpr (OWB > 1) {
+    if (c + 1 <= n) body(c, std::integral_constant<int, 1>{});
+  }
+}
+
 template <typename T, int NV>
 void conv_forward_tile(const T* xt, const T* values, const int64_t* offsets, const int64_t* rows, T* y,
                        const ConvShape& s, int64_t n0, int64_t nb) {
@@ -115,30 +138,28 @@ void conv_forward_tile(const T* xt, const T* values, const int64_t* offsets, con
   const int64_t row_step = s.sh * s.wp * W;  // xt elements between output rows
   const int64_t col_step = s.sw * W;
   const int64_t out_plane = s.ho * s.wo;
-  const int64_t wo_blocked = round_up(s.wo, OWB);
   at::parallel_for(0, s.ho * s.n_active, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> buffer(wo_blocked * W);  // (Wo, W): one output row, batch innermost
+    std::vector<T> buffer(s.wo * W);  // (Wo, W): one output row, batch innermost
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t oh = i / s.n_active;
       const int64_t o = i % s.n_active;
       const T* w = values + o * k;
       const int64_t* off = offsets + o * k;
-      // The last block may compute up to OWB - 1 columns past Wo (reading xt's tail padding or the
-      // next row); they land in the buffer and are not copied out.
-      for (int64_t ow = 0; ow < s.wo; ow += OWB) {
+      for_column_blocks<OWB>(s.wo, [&](int64_t ow, auto block) {
+        constexpr int U = decltype(block)::value;
         const T* base = xt + oh * row_step + ow * col_step;
-        typename V::type acc[OWB][NV];
-        for (int u = 0; u < OWB; ++u)
+        typename V::type acc[U][NV];
+        for (int u = 0; u < U; ++u)
           for (int v = 0; v < NV; ++v) acc[u][v] = typename V::type{};
         for (int64_t j = 0; j < k; ++j) {
           const T* src = base + off[j];
           const T wj = w[j];
-          for (int u = 0; u < OWB; ++u)
+          for (int u = 0; u < U; ++u)
             for (int v = 0; v < NV; ++v) acc[u][v] += wj * load<T>(src + u * col_step + v * L);
         }
-        for (int u = 0; u < OWB; ++u)
+        for (int u = 0; u < U; ++u)
           for (int v = 0; v < NV; ++v) store<T>(buffer.data() + (ow + u) * W + v * L, acc[u][v]);
-      }
+      });
       T* dst = y + (n0 * s.out_channels + rows[o]) * out_plane + oh * s.wo;
       for (int64_t b = 0; b < nb; ++b) {
         T* d = dst + b * s.out_channels * out_plane;
@@ -213,19 +234,56 @@ void conv_grad_values_tile(const T* xt, const T* gyt, const int64_t* offsets, T*
   });
 }
 
-// An entry of the CSC view: a weight (o, j) reading channel c, as what grad_x's gather needs.
-struct ConvEntry {
-  int64_t entry;        // o * k + j
-  int64_t o;
-  int64_t row_q, row_r;  // row_shift / sh, row_shift % sh
-  int64_t col_q, col_r;  // col_shift / sw, col_shift % sw
+// The CSC view grad_x gathers through: the weights (o, j) grouped by (input channel c, row class
+// row_shift mod sh, column class col_shift mod sw), sorted by row_q = row_shift / sh within a group.
+// For input row ih (qh = ih / sh), an entry's output row is oh = qh - row_q, valid for row_q in
+// (qh - Ho, qh]: a contiguous run of the sorted group, found by binary search, so the per-row
+// work is two searches per group instead of a pass over the channel's entries.
+template <typename T>
+struct ConvColumns {
+  std::vector<int64_t> start;   // (C * sh * sw + 1,) group boundaries
+  std::vector<int64_t> row_q;   // per entry, ascending within a group
+  std::vector<int64_t> offset;  // gyt offset of (o, oh = -row_q, halo + col 0 - col_q); add qh * wg * W
+  std::vector<T> value;
 };
+
+template <typename T>
+ConvColumns<T> conv_columns(const ConvTaps& taps, const T* values, const ConvShape& s, int64_t halo, int64_t wg,
+                            int64_t width) {
+  const int64_t n = s.n_active * s.k;
+  const int64_t classes = s.sh * s.sw;
+  std::vector<int64_t> group(n);
+  ConvColumns<T> cols;
+  cols.start.assign(s.channels * classes + 1, 0);
+  for (int64_t e = 0; e < n; ++e) {
+    group[e] = taps.channel[e] * classes + taps.row_shift[e] % s.sh * s.sw + taps.col_shift[e] % s.sw;
+    ++cols.start[group[e] + 1];
+  }
+  for (int64_t g = 0; g + 1 < static_cast<int64_t>(cols.start.size()); ++g) cols.start[g + 1] += cols.start[g];
+  std::vector<int64_t> order(n);
+  std::vector<int64_t> cursor(cols.start.begin(), cols.start.end() - 1);
+  for (int64_t e = 0; e < n; ++e) order[cursor[group[e]]++] = e;
+  for (int64_t g = 0; g + 1 < static_cast<int64_t>(cols.start.size()); ++g) {
+    std::stable_sort(order.begin() + cols.start[g], order.begin() + cols.start[g + 1],
+                     [&](int64_t a, int64_t b) { return taps.row_shift[a] < taps.row_shift[b]; });
+  }
+  cols.row_q.resize(n);
+  cols.offset.resize(n);
+  cols.value.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = order[i];
+    const int64_t o = e / s.k;
+    cols.row_q[i] = taps.row_shift[e] / s.sh;
+    cols.offset[i] = ((o * s.ho - cols.row_q[i]) * wg + halo - taps.col_shift[e] / s.sw) * width;
+    cols.value[i] = values[e];
+  }
+  return cols;
+}
 
 // grad_x[n0 : n0 + nb] (N, C, Hp, Wp) <- sum over (o, j) reading it of values[o, j] * grad_y[...]
 template <typename T, int NV>
-void conv_grad_x_tile(const T* gyt, const T* values, const std::vector<int64_t>& channel_start,
-                      const std::vector<ConvEntry>& entries, T* grad_x, const ConvShape& s, int64_t n0, int64_t nb,
-                      int64_t halo, int64_t wg) {
+void conv_grad_x_tile(const T* gyt, const ConvColumns<T>& cols, T* grad_x, const ConvShape& s, int64_t n0,
+                      int64_t nb, int64_t wg) {
   using V = Vec<T>;
   constexpr int64_t L = V::kLanes;
   constexpr int64_t W = NV * L;
@@ -233,40 +291,34 @@ void conv_grad_x_tile(const T* gyt, const T* values, const std::vector<int64_t>&
   const int64_t plane = s.hp * s.wp;
   at::parallel_for(0, s.hp * s.channels, 1, [&](int64_t i0, int64_t i1) {
     std::vector<T> buffer(s.wp * W);  // (Wp, W): one input row
-    // Per column class r (iw mod sw): (gyt offset of output column 0 shifted by the halo, value).
-    std::vector<std::vector<std::pair<int64_t, T>>> live(s.sw);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t ih = i / s.channels;
       const int64_t c = i % s.channels;
       const int64_t qh = ih / s.sh;
       const int64_t rh = ih % s.sh;
-      for (auto& l : live) l.clear();
-      for (int64_t e = channel_start[c]; e < channel_start[c + 1]; ++e) {
-        const ConvEntry& t = entries[e];
-        const int64_t oh = qh - t.row_q;
-        if (t.row_r != rh || oh < 0 || oh >= s.ho) continue;
-        // Output column ow = iw / sw - col_q lives at gyt column ow + halo.
-        live[t.col_r].emplace_back(((t.o * s.ho + oh) * wg + halo - t.col_q) * W, values[t.entry]);
-      }
-      // Columns of class r are iw = qw * sw + r; OWB consecutive qw at a time (gyt has OWB zero
-      // columns of slack on the right for the last block).
       for (int64_t r = 0; r < s.sw; ++r) {
-        const auto& list = live[r];
-        for (int64_t qw = 0; qw * s.sw + r < s.wp; qw += OWB) {
-          const T* g = gyt + qw * W;
-          typename V::type acc[OWB][NV];
-          for (int u = 0; u < OWB; ++u)
+        const int64_t g = (c * s.sh + rh) * s.sw + r;
+        const int64_t* q_begin = cols.row_q.data() + cols.start[g];
+        const int64_t* q_end = cols.row_q.data() + cols.start[g + 1];
+        const int64_t lo = std::upper_bound(q_begin, q_end, qh - s.ho) - cols.row_q.data();
+        const int64_t hi = std::upper_bound(q_begin, q_end, qh) - cols.row_q.data();
+        const T* row = gyt + qh * wg * W;
+        // Columns of class r are iw = qw * sw + r, taken in blocks of consecutive qw.
+        for_column_blocks<OWB>((s.wp - r + s.sw - 1) / s.sw, [&](int64_t qw, auto block) {
+          constexpr int U = decltype(block)::value;
+          const T* base = row + qw * W;
+          typename V::type acc[U][NV];
+          for (int u = 0; u < U; ++u)
             for (int v = 0; v < NV; ++v) acc[u][v] = typename V::type{};
-          for (const auto& [offset, value] : list) {
-            for (int u = 0; u < OWB; ++u)
-              for (int v = 0; v < NV; ++v) acc[u][v] += value * load<T>(g + offset + u * W + v * L);
+          for (int64_t e = lo; e < hi; ++e) {
+            const T* src = base + cols.offset[e];
+            const T value = cols.value[e];
+            for (int u = 0; u < U; ++u)
+              for (int v = 0; v < NV; ++v) acc[u][v] += value * load<T>(src + u * W + v * L);
           }
-          for (int u = 0; u < OWB; ++u) {
-            const int64_t iw = (qw + u) * s.sw + r;
-            if (iw >= s.wp) break;
-            for (int v = 0; v < NV; ++v) store<T>(buffer.data() + iw * W + v * L, acc[u][v]);
-          }
-        }
+          for (int u = 0; u < U; ++u)
+            for (int v = 0; v < NV; ++v) store<T>(buffer.data() + ((qw + u) * s.sw + r) * W + v * L, acc[u][v]);
+        });
       }
       T* dst = grad_x + (n0 * s.channels + c) * plane + ih * s.wp;
       for (int64_t b = 0; b < nb; ++b) {
@@ -294,28 +346,15 @@ void conv_run(const ConvShape& s, const ConvTaps& taps, const T* x, const T* val
   // gyt halo: an entry's output column iw / sw - col_q ranges over [-max col_q, (Wp - 1) / sw].
   int64_t halo = 0;
   for (int64_t e = 0; need_x && e < n_entries; ++e) halo = std::max(halo, taps.col_shift[e] / s.sw);
-  // Columns: the halo, then room for every output column and for the grad_x blocks' last read.
-  constexpr int OWB = conv_block<NV>();
-  const int64_t wg = halo + std::max(s.wo, (s.wp - 1) / s.sw + 1) + OWB;
-  std::vector<int64_t> channel_start;
-  std::vector<ConvEntry> entries;
-  if (need_x) {  // CSC view: entries grouped by input channel, in (o, j) order within a channel
-    channel_start.assign(s.channels + 1, 0);
-    for (int64_t e = 0; e < n_entries; ++e) ++channel_start[taps.channel[e] + 1];
-    for (int64_t c = 0; c < s.channels; ++c) channel_start[c + 1] += channel_start[c];
-    entries.resize(n_entries);
-    std::vector<int64_t> cursor(channel_start.begin(), channel_start.end() - 1);
-    for (int64_t e = 0; e < n_entries; ++e) {
-      entries[cursor[taps.channel[e]]++] = ConvEntry{e, e / s.k, taps.row_shift[e] / s.sh, taps.row_shift[e] % s.sh,
-                                                     taps.col_shift[e] / s.sw, taps.col_shift[e] % s.sw};
-    }
-  }
+  // Columns: the halo, then room for every output column and for grad_x's last read.
+  const int64_t wg = halo + std::max(s.wo, (s.wp - 1) / s.sw + 1);
+  ConvColumns<T> cols;
+  if (need_x) cols = conv_columns<T>(taps, values, s, halo, wg, W);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.ho * s.n_active));
   std::vector<T> scratch;
   if (need_values) scratch.assign(chunks * n_entries, T(0));
   const bool need_xt = !backward || need_values;
-  // Tail slack: the forward's last column block may read OWB strides past the last row.
-  std::vector<T> xt(need_xt ? s.channels * s.hp * s.wp * W + OWB * s.sw * W : 0);
+  std::vector<T> xt(need_xt ? s.channels * s.hp * s.wp * W : 0);
   std::vector<T> gyt(backward ? s.n_active * s.ho * wg * W : 0);
   for (int64_t n0 = 0; n0 < s.batch; n0 += W) {
     const int64_t nb = std::min<int64_t>(W, s.batch - n0);
@@ -326,7 +365,7 @@ void conv_run(const ConvShape& s, const ConvTaps& taps, const T* x, const T* val
     }
     conv_transpose_grad<T>(grad_y, gyt.data(), rows, s, n0, nb, W, halo, wg);
     if (need_values) conv_grad_values_tile<T, NV>(xt.data(), gyt.data(), offsets.data(), scratch.data(), chunks, s, halo, wg);
-    if (need_x) conv_grad_x_tile<T, NV>(gyt.data(), values, channel_start, entries, grad_x, s, n0, nb, halo, wg);
+    if (need_x) conv_grad_x_tile<T, NV>(gyt.data(), cols, grad_x, s, n0, nb, wg);
   }
   if (need_values) reduce_chunks(scratch.data(), chunks, n_entries, grad_values);
 }
