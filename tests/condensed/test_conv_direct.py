@@ -36,7 +36,8 @@ def _pair(v):
 
 
 def _operands(case, *, dtype=torch.float32, index_dtype=torch.int16, density=0.3, seed=0):
-    """(x padded, values, indices, rows, dense weight, conf): one ablated filter, random constant fan-in."""
+    """(x, values, indices, rows, dense weight, conf, pad): one ablated filter, random constant fan-in;
+    ``pad`` (left, right, top, bottom) is the case's padding, with one extra column on the right."""
     n, c, out, h, w, kernel, stride, padding, dilation, groups = case
     kernel, stride, padding, dilation = map(_pair, (kernel, stride, padding, dilation))
     generator = torch.Generator().manual_seed(seed)
@@ -49,15 +50,18 @@ def _operands(case, *, dtype=torch.float32, index_dtype=torch.int16, density=0.3
     dense[rows] = dense[rows].scatter(1, indices.long(), values)
     weight = dense.view(out, c // groups, *kernel)  # (out, C / groups, kh, kw)
     x = torch.randn(n, c, h, w, generator=generator, dtype=dtype)
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    return x, values, indices, rows, weight, (out, kernel, stride, dilation, groups)
+    pad = (padding[1], padding[1] + 1, padding[0], padding[0])  # asymmetric, as padding='same' can be
+    return x, values, indices, rows, weight, (out, kernel, stride, dilation, groups), pad
 
 
-def _expected(x, weight, grad_y, conf):
+def _expected(x, weight, grad_y, conf, pad=(0, 0, 0, 0)):
+    """y, grad_x (of the unpadded x) and the dense weight gradient (out, fan_in), from F.conv2d."""
     out, _, stride, dilation, groups = conf
-    y = F.conv2d(x, weight, None, stride, 0, dilation, groups)
-    grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_y, stride, 0, dilation, groups)
-    grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, stride, 0, dilation, groups)
+    xp = F.pad(x, pad)
+    y = F.conv2d(xp, weight, None, stride, 0, dilation, groups)
+    grad_xp = torch.nn.grad.conv2d_input(xp.shape, weight, grad_y, stride, 0, dilation, groups)
+    grad_x = grad_xp[..., pad[2]:pad[2] + x.shape[2], pad[0]:pad[0] + x.shape[3]]
+    grad_w = torch.nn.grad.conv2d_weight(xp, weight.shape, grad_y, stride, 0, dilation, groups)
     return y, grad_x, grad_w.reshape(out, -1)  # (out, fan_in)
 
 
@@ -70,13 +74,13 @@ def _route_or_skip(route):
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_equal_dense_conv(route, case):
     _route_or_skip(route)
-    x, values, indices, rows, weight, conf = _operands(case)
+    x, values, indices, rows, weight, conf, pad = _operands(case)
     x.requires_grad_(True)
     values.requires_grad_(True)
-    y = condensed_conv2d(x, values, indices, rows, conf[0], *conf[1:], route=route)
+    y = condensed_conv2d(x, values, indices, rows, conf[0], *conf[1:], padding=pad, route=route)
     grad_y = torch.randn_like(y)
     grad_x, grad_values = torch.autograd.grad(y, (x, values), grad_y)
-    y_ref, grad_x_ref, grad_w_ref = _expected(x.detach(), weight, grad_y, conf)
+    y_ref, grad_x_ref, grad_w_ref = _expected(x.detach(), weight, grad_y, conf, pad)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))  # the ablated filter outputs exactly 0
     torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-4, atol=1e-4)
@@ -86,11 +90,11 @@ def test_forward_and_gradients_equal_dense_conv(route, case):
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
 def test_cpp_kernel_float64_and_every_index_dtype(index_dtype):
     _route_or_skip("cpp")
-    x, values, indices, rows, weight, conf = _operands(CASES[1], dtype=torch.float64, index_dtype=index_dtype)
-    y = cpu.conv_forward(x, values, indices, rows, *conf)
+    x, values, indices, rows, weight, conf, pad = _operands(CASES[1], dtype=torch.float64, index_dtype=index_dtype)
+    y = cpu.conv_forward(x, values, indices, rows, *conf, padding=pad)
     grad_y = torch.randn_like(y)
-    grad_x, grad_values = cpu.conv_backward(grad_y, x, values, indices, rows, *conf, True, True)
-    y_ref, grad_x_ref, grad_w_ref = _expected(x, weight, grad_y, conf)
+    grad_x, grad_values = cpu.conv_backward(grad_y, x, values, indices, rows, *conf, True, True, padding=pad)
+    y_ref, grad_x_ref, grad_w_ref = _expected(x, weight, grad_y, conf, pad)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_values, grad_w_ref[rows].gather(1, indices.long()), rtol=1e-12, atol=1e-12)
@@ -99,11 +103,12 @@ def test_cpp_kernel_float64_and_every_index_dtype(index_dtype):
 @pytest.mark.parametrize("max_tile", [1, 16, 32, 64])
 def test_cpp_tile_width_does_not_change_the_result(max_tile):
     _route_or_skip("cpp")
-    x, values, indices, rows, weight, conf = _operands(CASES[2], dtype=torch.float64)
-    y = cpu.conv_forward(x, values, indices, rows, *conf, max_tile=max_tile)
+    x, values, indices, rows, weight, conf, pad = _operands(CASES[2], dtype=torch.float64)
+    y = cpu.conv_forward(x, values, indices, rows, *conf, padding=pad, max_tile=max_tile)
     grad_y = torch.randn_like(y)
-    grad_x, grad_values = cpu.conv_backward(grad_y, x, values, indices, rows, *conf, True, True, max_tile=max_tile)
-    y_ref, grad_x_ref, grad_w_ref = _expected(x, weight, grad_y, conf)
+    grad_x, grad_values = cpu.conv_backward(grad_y, x, values, indices, rows, *conf, True, True, padding=pad,
+                                            max_tile=max_tile)
+    y_ref, grad_x_ref, grad_w_ref = _expected(x, weight, grad_y, conf, pad)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)
     torch.testing.assert_close(grad_values, grad_w_ref[rows].gather(1, indices.long()))
@@ -112,17 +117,17 @@ def test_cpp_tile_width_does_not_change_the_result(max_tile):
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]])
 def test_cpp_route_passes_gradcheck(case):
     _route_or_skip("cpp")
-    x, values, indices, rows, _, conf = _operands((2, *case[1:]), dtype=torch.float64)
+    x, values, indices, rows, _, conf, pad = _operands((2, *case[1:]), dtype=torch.float64)
     x.requires_grad_(True)
     values.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x, v: condensed_conv2d(x, v, indices, rows, conf[0], *conf[1:], route="cpp"), (x, values)
+        lambda x, v: condensed_conv2d(x, v, indices, rows, conf[0], *conf[1:], padding=pad, route="cpp"), (x, values)
     )
 
 
 def test_cpp_kernel_refuses_out_of_range_indices():
     _route_or_skip("cpp")
-    x, values, indices, rows, _, conf = _operands(CASES[0])
+    x, values, indices, rows, _, conf, _ = _operands(CASES[0])
     indices[0, 0] = 4 * 9  # one past the fan-in
     with pytest.raises(RuntimeError, match="indices out of range"):
         cpu.conv_forward(x, values, indices, rows, *conf)
@@ -155,7 +160,8 @@ def test_triton_conv_kernels_under_interpreter(tmp_path):
         "from srigl.kernels import triton_conv as tc\n"
         "for case, dtype in [(CASES[0], torch.float32), (CASES[1], torch.float32), (CASES[3], torch.float64),\n"
         "                    (CASES[4], torch.float32), ((3, *CASES[2][1:]), torch.float32)]:\n"
-        "    x, values, indices, rows, weight, conf = _operands(case, dtype=dtype)\n"
+        "    x, values, indices, rows, weight, conf, pad = _operands(case, dtype=dtype)\n"
+        "    x = torch.nn.functional.pad(x, pad)  # the Triton route gets x padded\n"
         "    y = tc.conv_forward(x, values, indices, rows, *conf)\n"
         "    grad_y = torch.randn_like(y)\n"
         "    grad_x, grad_values = tc.conv_backward(grad_y, x, values, indices, rows, *conf, True, True)\n"

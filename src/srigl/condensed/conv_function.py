@@ -3,7 +3,9 @@
 ``CondensedConv2d`` at inference unfolds ``x`` and runs the fan-in matmul, so autograd would keep
 the ``(N, C*kh*kw, L)`` unfolded input, ``kh*kw`` times the input's size. In training this function
 saves only ``x`` (already padded by the caller) plus the small index tensors, and runs one of
-three routes (chosen per call by :func:`conv_route`):
+three routes (chosen per call by :func:`conv_route`). Zero padding is passed in as amounts: the
+C++ kernel applies it on the fly (no padded copy of ``x`` is made or saved); the other routes pad
+with ``F.pad`` first.
 
 * ``"cpp"``: the C++ kernel's direct condensed convolution (``csrc/conv.h``: implicit im2col,
   forward, grad_x and grad_values; CPU float32/float64).
@@ -65,16 +67,21 @@ def _direct_module(route: str):
 
 
 class CondensedConv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x_padded, scatter(values))`` with grads for ``x_padded`` and ``values`` only.
+    """``y = conv2d(pad(x), scatter(values))`` with grads for ``x`` and ``values`` only.
 
-    ``x`` must already be padded (every padding mode is applied by the caller with ``F.pad``).
+    ``padding`` (left, right, top, bottom) is nonzero on the ``"cpp"`` route only: the others get
+    ``x`` already padded by :func:`condensed_conv2d`.
     """
 
     @staticmethod
-    def forward(ctx, x, values, indices, active_rows, out_channels, kernel_size, stride, dilation, groups, route):
+    def forward(ctx, x, values, indices, active_rows, out_channels, kernel_size, stride, dilation, groups, route,
+                padding):
         weight_shape = (out_channels, x.shape[1] // groups, kernel_size[0], kernel_size[1])
         ctx.save_for_backward(x, values, indices, active_rows)
-        ctx.conf = (out_channels, weight_shape, stride, dilation, groups, route)
+        ctx.conf = (out_channels, weight_shape, stride, dilation, groups, route, padding)
+        if route == "cpp":
+            return cpu.conv_forward(x, values, indices, active_rows, out_channels, kernel_size, stride, dilation,
+                                    groups, padding=padding)  # (N, out, H_out, W_out)
         if route != "dense":
             return _direct_module(route).conv_forward(
                 x, values, indices, active_rows, out_channels, kernel_size, stride, dilation, groups
@@ -86,10 +93,16 @@ class CondensedConv2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, values, indices, active_rows = ctx.saved_tensors
-        out_channels, weight_shape, stride, dilation, groups, route = ctx.conf
+        out_channels, weight_shape, stride, dilation, groups, route, padding = ctx.conf
         need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_values = None
-        if route != "dense":
+        if route == "cpp":
+            if need_x or need_values:
+                grad_x, grad_values = cpu.conv_backward(
+                    grad_y.contiguous(), x, values, indices, active_rows, out_channels, weight_shape[2:], stride,
+                    dilation, groups, need_x, need_values, padding=padding,
+                )
+        elif route != "dense":
             if need_x or need_values:
                 grad_x, grad_values = _direct_module(route).conv_backward(
                     grad_y.contiguous(), x, values, indices, active_rows, out_channels, weight_shape[2:], stride,
@@ -103,27 +116,33 @@ class CondensedConv2dFunction(torch.autograd.Function):
                 grad_w = torch.nn.grad.conv2d_weight(x, weight_shape, grad_y, stride, 0, dilation, groups)
                 grad_w = grad_w.reshape(out_channels, -1)[active_rows]  # (n_active, fan_in_flat)
                 grad_values = grad_w.gather(1, indices.long())  # (n_active, k)
-        return grad_x, grad_values, None, None, None, None, None, None, None, None
+        return grad_x, grad_values, None, None, None, None, None, None, None, None, None
 
 
 def condensed_conv2d(x, values, indices, active_rows, out_channels, kernel_size, stride=(1, 1), dilation=(1, 1),
-                     groups=1, *, route: str | None = None):
-    """Differentiable condensed conv on a padded ``x (N, C, H, W)``; see ``CondensedConv2dFunction``.
+                     groups=1, *, padding=(0, 0, 0, 0), route: str | None = None):
+    """Differentiable condensed conv on ``x (N, C, H, W)``; see ``CondensedConv2dFunction``.
 
     Args:
+        padding: zero padding ``(left, right, top, bottom)`` (``F.pad`` order); other padding modes
+            are applied by the caller.
         route: ``"cpp"``, ``"triton"`` or ``"dense"`` to force one (``"cpp"``/``"triton"`` raise
             ``BackendUnavailableError`` where they cannot run); None picks by :func:`conv_route`.
     """
     kernel_size = tuple(kernel_size)
+    padding = tuple(padding)
     fan_in_flat = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
     if route is None:
         route = conv_route(x, values, fan_in_flat)
     elif route != "dense":
         _check_route(route, x)
+    if route != "cpp" and any(padding):
+        x, padding = F.pad(x, padding), (0, 0, 0, 0)
     if route != "dense":
         x, values, indices = x.contiguous(), values.contiguous(), indices.contiguous()
     return CondensedConv2dFunction.apply(
-        x, values, indices, active_rows, out_channels, kernel_size, tuple(stride), tuple(dilation), groups, route
+        x, values, indices, active_rows, out_channels, kernel_size, tuple(stride), tuple(dilation), groups, route,
+        padding,
     )
 
 

@@ -438,11 +438,18 @@ class CondensedConv2d(_CondensedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        training = (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                    and not torch.compiler.is_exporting())
+        if training and self.padding_mode == "zeros":
+            # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
+            # this function saves only the input and pads it itself (see conv_function).
+            y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
+                                 self.kernel_size, self.stride, self.dilation, self.groups,
+                                 padding=self._pad)  # (N, out, H_out, W_out)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         if any(self._pad):
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting():
-            # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
-            # this function saves only the padded input (see conv_function).
+        if training:
             y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
                                  self.kernel_size, self.stride, self.dilation, self.groups)  # (N, out, H_out, W_out)
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

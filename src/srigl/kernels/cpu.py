@@ -194,16 +194,17 @@ def _backward_fake(grad_y, x, values, indices, need_grad_x, need_grad_values, ne
     )
 
 
-def _conv_out_size(x, kernel, stride, dilation) -> tuple[int, int]:
-    return tuple((x.shape[2 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2))
+def _conv_out_size(x, kernel, stride, padding, dilation) -> tuple[int, int]:
+    padded = (x.shape[2] + padding[2] + padding[3], x.shape[3] + padding[0] + padding[1])
+    return tuple((padded[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2))
 
 
-def _conv_forward_fake(x, values, indices, rows, out_channels, kernel, stride, dilation, groups, max_tile):
+def _conv_forward_fake(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups, max_tile):
     torch._check(x.dim() == 4, lambda: f"srigl_fanin: conv x must be 4-D (N, C, H, W), got {x.dim()} dims")
-    return x.new_empty(x.shape[0], out_channels, *_conv_out_size(x, kernel, stride, dilation))  # (N, out, Ho, Wo)
+    return x.new_empty(x.shape[0], out_channels, *_conv_out_size(x, kernel, stride, padding, dilation))
 
 
-def _conv_backward_fake(grad_y, x, values, indices, rows, out_channels, kernel, stride, dilation, groups,
+def _conv_backward_fake(grad_y, x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups,
                         need_grad_x, need_grad_values, max_tile):
     return (x.new_empty(x.shape) if need_grad_x else None, values.new_empty(values.shape) if need_grad_values else None)
 
@@ -399,19 +400,21 @@ def conv_forward(
     dilation: tuple[int, int],
     groups: int,
     *,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     max_tile: int = 0,
 ) -> torch.Tensor:
-    """The condensed conv2d on an already padded ``x`` (N, C, Hp, Wp), without an im2col tensor.
+    """The condensed conv2d of ``x`` (N, C, H, W) zero-padded on the fly, without an im2col tensor.
 
-    ``y[n, rows[i], p] = sum_j values[i, j] * x[n, c, p * stride + (a, b) * dilation]`` where
+    ``y[n, rows[i], p] = sum_j values[i, j] * x_pad[n, c, p * stride + (a, b) * dilation]`` where
     ``indices[i, j]`` is the position ``(c, a, b)`` in the row's ``(C / groups, kh, kw)`` fan-in (its
     group's channels); channels no row names are 0.
 
     Args:
-        x: (N, C, Hp, Wp), contiguous float32/64.
+        x: (N, C, H, W), contiguous float32/64.
         values, indices: (n_active, k), contiguous; indices int16/int32/int64 (int64 narrowed per call).
         rows: (n_active,) int64, the output channel of each row of ``values``.
         out_channels, kernel_size, stride, dilation, groups: the convolution's.
+        padding: zero padding ``(left, right, top, bottom)``, as ``F.pad`` takes it.
         max_tile: tuning knob, most batch entries per transposed tile (0: sized for L2).
 
     Returns:
@@ -422,7 +425,7 @@ def conv_forward(
         raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
     fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
     return ops.conv_forward(x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
-                            list(dilation), groups, max_tile)
+                            list(padding), list(dilation), groups, max_tile)
 
 
 def conv_backward(
@@ -439,16 +442,17 @@ def conv_backward(
     need_grad_x: bool,
     need_grad_values: bool,
     *,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     max_tile: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`conv_forward` w.r.t. the padded x (N, C, Hp, Wp) and values (n_active, k),
-    from a contiguous ``grad_y`` (N, out_channels, Ho, Wo); None where not needed."""
+    """Gradients of :func:`conv_forward` w.r.t. x (N, C, H, W) and values (n_active, k), from a
+    contiguous ``grad_y`` (N, out_channels, Ho, Wo); None where not needed."""
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
     fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
     grad_x, grad_values = ops.conv_backward(
         grad_y, x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
-        list(dilation), groups, need_grad_x, need_grad_values, max_tile,
+        list(padding), list(dilation), groups, need_grad_x, need_grad_values, max_tile,
     )
     return (grad_x if need_grad_x else None, grad_values if need_grad_values else None)

@@ -37,7 +37,8 @@ namespace {
 constexpr int64_t kConvMaxTile = 64;  // batch entries per tile (W); larger batches take several tiles
 
 struct ConvShape {
-  int64_t batch, channels, hp, wp;  // padded input
+  int64_t batch, channels, h, w;      // x as given
+  int64_t pad_top, pad_left, hp, wp;  // zero padding applied on the fly; padded size
   int64_t out_channels, n_active, k;
   int64_t kh, kw, sh, sw, dh, dw, groups;
   int64_t ho, wo;
@@ -72,17 +73,24 @@ ConvTaps conv_taps(const I* indices, const int64_t* rows, const ConvShape& s) {
   return t;
 }
 
-// xt (C, Hp, Wp, W) <- x[n0 : n0 + nb] (N, C, Hp, Wp); lanes nb..W zero.
+// xt (C, Hp, Wp, W) <- x[n0 : n0 + nb] (N, C, H, W) zero-padded; lanes nb..W zero. Padding here,
+// in the transposition every pass makes anyway, spares the caller an F.pad copy of x (and its
+// backward a slice copy of grad_x).
 template <typename T>
 void conv_transpose_in(const T* x, T* xt, const ConvShape& s, int64_t n0, int64_t nb, int64_t width) {
-  const int64_t plane = s.hp * s.wp;
+  const int64_t plane = s.h * s.w;
   at::parallel_for(0, s.channels * s.hp, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {  // r = c * Hp + ih: one input row
+    for (int64_t r = r0; r < r1; ++r) {  // r = c * Hp + ih: one padded input row
       T* dst = xt + r * s.wp * width;  // (Wp, W)
-      if (nb < width) std::memset(dst, 0, s.wp * width * sizeof(T));
+      const int64_t c = r / s.hp;
+      const int64_t ih = r % s.hp - s.pad_top;  // row of x
+      const bool padding_row = ih < 0 || ih >= s.h;
+      if (nb < width || padding_row || s.wp != s.w) std::memset(dst, 0, s.wp * width * sizeof(T));
+      if (padding_row) continue;
+      dst += s.pad_left * width;
       for (int64_t b = 0; b < nb; ++b) {
-        const T* src = x + (n0 + b) * s.channels * plane + r * s.wp;
-        for (int64_t iw = 0; iw < s.wp; ++iw) dst[iw * width + b] = src[iw];
+        const T* src = x + ((n0 + b) * s.channels + c) * plane + ih * s.w;
+        for (int64_t iw = 0; iw < s.w; ++iw) dst[iw * width + b] = src[iw];
       }
     }
   });
@@ -288,11 +296,12 @@ void conv_grad_x_tile(const T* gyt, const ConvColumns<T>& cols, T* grad_x, const
   constexpr int64_t L = V::kLanes;
   constexpr int64_t W = NV * L;
   constexpr int OWB = conv_block<NV>();
-  const int64_t plane = s.hp * s.wp;
-  at::parallel_for(0, s.hp * s.channels, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> buffer(s.wp * W);  // (Wp, W): one input row
+  const int64_t plane = s.h * s.w;
+  // Only rows and columns of x: the padding's gradient is not wanted.
+  at::parallel_for(0, s.h * s.channels, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> buffer(s.wp * W);  // (Wp, W): one padded input row
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t ih = i / s.channels;
+      const int64_t ih = i / s.channels + s.pad_top;  // padded row
       const int64_t c = i % s.channels;
       const int64_t qh = ih / s.sh;
       const int64_t rh = ih % s.sh;
@@ -320,10 +329,11 @@ void conv_grad_x_tile(const T* gyt, const ConvColumns<T>& cols, T* grad_x, const
             for (int v = 0; v < NV; ++v) store<T>(buffer.data() + ((qw + u) * s.sw + r) * W + v * L, acc[u][v]);
         });
       }
-      T* dst = grad_x + (n0 * s.channels + c) * plane + ih * s.wp;
+      T* dst = grad_x + (n0 * s.channels + c) * plane + (ih - s.pad_top) * s.w;
+      const T* src = buffer.data() + s.pad_left * W;
       for (int64_t b = 0; b < nb; ++b) {
         T* d = dst + b * s.channels * plane;
-        for (int64_t iw = 0; iw < s.wp; ++iw) d[iw] = buffer[iw * W + b];
+        for (int64_t iw = 0; iw < s.w; ++iw) d[iw] = src[iw * W + b];
       }
     }
   });

@@ -175,12 +175,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
 }
 
 // ---------------------------------------------------------------------------------------------
-// Condensed conv2d (conv.h): x is already padded; groups handled by the channel offset of each row.
+// Condensed conv2d (conv.h): zero padding (left, right, top, bottom) applied on the fly; groups
+// handled by the channel offset of each row.
 // ---------------------------------------------------------------------------------------------
 
 ConvShape conv_shape(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
-                     int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
-                     int64_t groups) {
+                     int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(x.dim() == 4, "srigl_fanin: conv x must be 4-D (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "srigl_fanin: values ", values.sizes(),
               " and indices ", indices.sizes(), " must both be (n_active, k)");
@@ -192,11 +193,17 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& values, const at::Te
               "srigl_fanin: CPU kernel got a tensor on another device");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2,
               "srigl_fanin: kernel, stride and dilation must be pairs");
+  TORCH_CHECK(padding.size() == 4 && padding[0] >= 0 && padding[1] >= 0 && padding[2] >= 0 && padding[3] >= 0,
+              "srigl_fanin: padding must be 4 non-negative amounts (left, right, top, bottom)");
   ConvShape s{};
   s.batch = x.size(0);
   s.channels = x.size(1);
-  s.hp = x.size(2);
-  s.wp = x.size(3);
+  s.h = x.size(2);
+  s.w = x.size(3);
+  s.pad_left = padding[0];
+  s.pad_top = padding[2];
+  s.hp = s.h + padding[2] + padding[3];
+  s.wp = s.w + padding[0] + padding[1];
   s.out_channels = out_channels;
   s.n_active = values.size(0);
   s.k = values.size(1);
@@ -221,8 +228,8 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& values, const at::Te
 
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                         const at::Tensor& rows, int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride,
-                        at::IntArrayRef dilation, int64_t groups, int64_t max_tile) {
-  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, dilation, groups);
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t max_tile) {
+  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups);
   // Only inactive channels need zeros; the kernel writes every element of the active ones.
   at::Tensor y = s.n_active == out_channels ? at::empty({s.batch, out_channels, s.ho, s.wo}, x.options())
                                             : at::zeros({s.batch, out_channels, s.ho, s.wo}, x.options());
@@ -243,16 +250,17 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                  const at::Tensor& values, const at::Tensor& indices,
                                                  const at::Tensor& rows, int64_t out_channels, at::IntArrayRef kernel,
-                                                 at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
-                                                 bool need_grad_x, bool need_grad_values, int64_t max_tile) {
-  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, dilation, groups);
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, bool need_grad_x,
+                                                 bool need_grad_values, int64_t max_tile) {
+  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups);
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.batch && grad_y.size(1) == out_channels &&
                   grad_y.size(2) == s.ho && grad_y.size(3) == s.wo && grad_y.is_contiguous() &&
                   grad_y.scalar_type() == x.scalar_type(),
               "srigl_fanin: grad_y must be a contiguous (", s.batch, ", ", out_channels, ", ", s.ho, ", ", s.wo,
               ") tensor of x's dtype");
   at::Tensor grad_x, grad_values;
-  const bool empty = s.batch == 0 || s.n_active == 0 || s.k == 0 || s.ho * s.wo == 0;
+  const bool empty = s.batch == 0 || s.n_active == 0 || s.k == 0 || s.ho * s.wo == 0 || s.h * s.w == 0;
   // The kernel writes every element of grad_x (each input row once) and of grad_values.
   if (need_grad_x) grad_x = empty ? at::zeros_like(x) : at::empty_like(x);
   if (need_grad_values) grad_values = empty ? at::zeros_like(values) : at::empty_like(values);
@@ -288,10 +296,11 @@ TORCH_LIBRARY(srigl_fanin, m) {
   m.def("forward_windows(Tensor x, Tensor packed, Tensor? bias, Tensor? rows, int out_full) -> Tensor");
   m.def(
       "conv_forward(Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, int[] kernel, "
-      "int[] stride, int[] dilation, int groups, int max_tile) -> Tensor");
+      "int[] stride, int[] padding, int[] dilation, int groups, int max_tile) -> Tensor");
   m.def(
       "conv_backward(Tensor grad_y, Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, "
-      "int[] kernel, int[] stride, int[] dilation, int groups, bool need_grad_x, bool need_grad_values, "
+      "int[] kernel, int[] stride, int[] padding, int[] dilation, int groups, bool need_grad_x, "
+      "bool need_grad_values, "
       "int max_tile) "
       "-> (Tensor, Tensor)");
 }
