@@ -233,3 +233,25 @@ def test_srigl_steps_through_the_direct_kernel_equal_masked_dense(monkeypatch):
     for layer in dense_sp.layers:
         torch.testing.assert_close(weights[layer.name], layer.dense_view()[0].reshape(layer.shape),
                                    rtol=1e-4, atol=1e-5, msg=layer.name)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")  # the reference nn.Conv2d's
+@pytest.mark.parametrize("padding, padding_mode", [(2, "zeros"), ("same", "zeros"), (1, "reflect"), (1, "circular")])
+def test_condensed_conv2d_training_forward_equals_its_dense_twin(padding, padding_mode):
+    """The layer's grad-enabled forward (kernel-side zero padding, or F.pad for the other modes)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, (3, 4), padding=padding, padding_mode=padding_mode)
+    mask = torch.zeros(8, 6 * 12, dtype=torch.bool)
+    mask.scatter_(1, torch.rand(8, 6 * 12).argsort(1)[:, :9], True)
+    with torch.no_grad():
+        conv.weight.mul_(mask.view_as(conv.weight))
+    layer = srigl.condensed.CondensedConv2d.from_dense(conv, mask.view_as(conv.weight))
+    dense = layer.to_dense()
+    x = torch.randn(3, 6, 9, 7, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    y_ref = dense(x)
+    (grad_x_ref,) = torch.autograd.grad(y_ref, x, grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-4, atol=1e-5)

@@ -343,7 +343,9 @@ class CondensedConv2d(_CondensedLayer):
     ``F.unfold`` lays out its columns in the same order, group ``g``'s fan-in is the column block
     ``g * fan_in_flat ...``, so every group (grouped and depthwise convolutions included) runs in one
     fan-in matmul over the unfolded input with offset indices. Padding of every mode is applied with
-    ``F.pad`` first, which also covers ``padding='same'``.
+    ``F.pad`` first, which also covers ``padding='same'``. Training (grad enabled) takes
+    :func:`srigl.condensed.conv_function.condensed_conv2d` instead, which saves no unfolded input and
+    runs the direct sparse kernels (zero padding applied inside the C++ kernel).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
