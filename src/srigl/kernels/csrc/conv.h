@@ -312,9 +312,14 @@ void conv_grad_x_tile(const T* gyt, const ConvColumns<T>& cols, T* grad_x, const
         const int64_t lo = std::upper_bound(q_begin, q_end, qh - s.ho) - cols.row_q.data();
         const int64_t hi = std::upper_bound(q_begin, q_end, qh) - cols.row_q.data();
         const T* row = gyt + qh * wg * W;
-        // Columns of class r are iw = qw * sw + r, taken in blocks of consecutive qw.
-        for_column_blocks<OWB>((s.wp - r + s.sw - 1) / s.sw, [&](int64_t qw, auto block) {
+        // Columns of class r are iw = qw * sw + r, taken in blocks of consecutive qw; only x's own
+        // columns [pad_left, pad_left + W) are computed.
+        const int64_t qw_first = (s.pad_left - r + s.sw - 1) / s.sw;
+        const int64_t qw_end = (s.pad_left + s.w - 1 - r) / s.sw + 1;
+        if (s.pad_left + s.w - 1 < r) continue;
+        for_column_blocks<OWB>(qw_end - qw_first, [&](int64_t q, auto block) {
           constexpr int U = decltype(block)::value;
+          const int64_t qw = qw_first + q;
           const T* base = row + qw * W;
           typename V::type acc[U][NV];
           for (int u = 0; u < U; ++u)
@@ -381,18 +386,20 @@ void conv_run(const ConvShape& s, const ConvTaps& taps, const T* x, const T* val
 }
 
 // Target footprint of the xt rows one output row reads (C * kh input rows of Wp * W elements): it
-// is re-read by every output channel, so it must stay in L2 with room to spare; at W = 64 a ResNet
-// layer's rows fill a 2 MiB L2 and the forward slows several-fold (results/compact_conv.md).
-constexpr int64_t kConvRowsBytes = 512 << 10;
+// is re-read by every output channel, so it must stay in L2 with room to spare. This budget gives
+// W = 32 floats on ResNet-18's layers, which beat 16 and 64 there (a 2 MiB-L2 part; the tile-width
+// table of results/compact_conv.md).
+constexpr int64_t kConvRowsBytes = 1280 << 10;
 
 // Vectors per tile: the fewest that cover the batch, up to kConvMaxTile entries and the L2 budget
-// above (at least one vector); max_tile > 0 caps the tile's batch entries (a tuning knob).
+// above (at least one vector); max_tile > 0 replaces the budget by that many batch entries (a
+// tuning knob, still at most kConvMaxTile).
 template <typename T, typename F>
 void conv_dispatch_width(const ConvShape& s, int64_t max_tile, F&& f) {
   constexpr int64_t L = Vec<T>::kLanes;
   const int64_t rows_bytes = s.channels * s.kh * s.wp * L * static_cast<int64_t>(sizeof(T));  // per vector
-  int64_t cap = std::min<int64_t>(kConvMaxTile / L, std::max<int64_t>(1, kConvRowsBytes / std::max<int64_t>(1, rows_bytes)));
-  if (max_tile > 0) cap = std::min(cap, std::max<int64_t>(1, max_tile / L));
+  int64_t cap = max_tile > 0 ? max_tile / L : kConvRowsBytes / std::max<int64_t>(1, rows_bytes);
+  cap = std::min<int64_t>(kConvMaxTile / L, std::max<int64_t>(1, cap));
   const int64_t need = std::min(cap, ceil_div(s.batch, L));
   if (need <= 1) {
     f(std::integral_constant<int, 1>{});
