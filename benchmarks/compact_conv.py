@@ -20,8 +20,9 @@ whole run (``VmHWM`` minus ``VmRSS`` before the model was built). The columns ru
 on all alike).
 
 A second table times the direct kernel against the dense-scatter route per ResNet-18 3x3 layer
-shape (forward, grad_x, grad_values), and a third sweeps the density of one layer: they are what
-``DIRECT_MAX_DENSITY`` is chosen from.
+shape (forward, grad_x, grad_values), a third sweeps the density of one layer (what
+``DIRECT_MAX_DENSITY`` is chosen from), and a fourth the kernel's batch-tile width (what
+``kConvRowsBytes`` in ``csrc/conv.h`` is chosen from).
 
 Writes ``results/compact_conv.md``. Usage:
 ``python benchmarks/compact_conv.py [--quick] [--threads 2] [--repeats 2]``
@@ -55,6 +56,7 @@ SPARSITY = 0.9
 IMAGE = 32
 COLUMNS = ("dense", "masked", "compact", "compact-scatter")
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "compact_conv.md"
+ANALYSIS_MARKER = "## Analysis"  # hand-written text from here on survives a rerun
 
 
 def _rss(field: str) -> int:
@@ -127,6 +129,19 @@ def _layer(c: int, out: int, size: int, stride: int, density: float, seed: int =
     weight = torch.zeros(out, fan_in).scatter(1, indices.long(), values).view(out, c, 3, 3)  # (out, C, 3, 3)
     x = F.pad(torch.randn(BATCH, c, size, size, generator=generator), (1, 1, 1, 1))
     return x, values, indices, rows, weight, stride
+
+
+def time_tile_widths(c, out, size, stride, density) -> dict[int, float]:
+    """Seconds of forward + grad_x + grad_values of the direct kernel per batch-tile width (0: automatic)."""
+    x, values, indices, rows, weight, s = _layer(c, out, size, stride, density)
+    conf = (out, (3, 3), (s, s), (1, 1), 1)
+    grad_y = torch.randn_like(F.conv2d(x, weight, None, s))
+    return {
+        width: _best_of(lambda: cpu.conv_forward(x, values, indices, rows, *conf, max_tile=width))
+        + _best_of(lambda: cpu.conv_backward(grad_y, x, values, indices, rows, *conf, True, False, max_tile=width))
+        + _best_of(lambda: cpu.conv_backward(grad_y, x, values, indices, rows, *conf, False, True, max_tile=width))
+        for width in (16, 32, 64, 0)
+    }
 
 
 def time_layer(c, out, size, stride, density) -> dict[str, float]:
@@ -247,11 +262,28 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += [
         "",
+        "## Batch-tile width of the direct kernel (fwd + grad_x + grad_values, ms)",
+        "",
+        "`max_tile` = batch entries per transposed tile; `auto` is what `kConvRowsBytes` (csrc/conv.h) picks.",
+        "",
+        "| layer (in, out, size, stride) | 16 | 32 | 64 | auto |",
+        "|---|---|---|---|---|",
+    ]
+    for c, out, size, s in LAYERS[::2]:
+        t = time_tile_widths(c, out, size, s, 1 - SPARSITY)
+        lines.append(f"| {c}, {out}, {size}, {s} | " + " | ".join(f"{t[w] * 1e3:.1f}" for w in (16, 32, 64, 0)) + " |")
+        print(lines[-1], flush=True)
+    lines += [
+        "",
         f"`DIRECT_MAX_DENSITY` is {conv_function.DIRECT_MAX_DENSITY} (srigl/condensed/conv_function.py).",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    previous = RESULTS.read_text() if RESULTS.exists() else ""
+    if ANALYSIS_MARKER in previous:
+        text += "\n" + previous[previous.index(ANALYSIS_MARKER):]
+    RESULTS.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
