@@ -58,18 +58,26 @@ ConvTaps conv_taps(const I* indices, const int64_t* rows, const ConvShape& s) {
   t.channel.resize(n);
   t.row_shift.resize(n);
   t.col_shift.resize(n);
+  // One decode per fan-in position instead of three divisions per weight.
   const int64_t taps = s.kh * s.kw;
-  for (int64_t o = 0; o < s.n_active; ++o) {
-    const int64_t base = rows[o] / s.outs_per_group() * s.channels_per_group();
-    for (int64_t j = 0; j < s.k; ++j) {
-      const int64_t e = o * s.k + j;
-      const int64_t idx = indices[e];
-      const int64_t tap = idx % taps;
-      t.channel[e] = base + idx / taps;
-      t.row_shift[e] = tap / s.kw * s.dh;
-      t.col_shift[e] = tap % s.kw * s.dw;
-    }
+  const int64_t fan_in = s.channels_per_group() * taps;
+  std::vector<int64_t> decoded(3 * fan_in);  // (fan_in, 3): channel in group, row shift, column shift
+  for (int64_t idx = 0; idx < fan_in; ++idx) {
+    decoded[3 * idx] = idx / taps;
+    decoded[3 * idx + 1] = idx % taps / s.kw * s.dh;
+    decoded[3 * idx + 2] = idx % s.kw * s.dw;
   }
+  at::parallel_for(0, s.n_active, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t base = rows[o] / s.outs_per_group() * s.channels_per_group();
+      for (int64_t e = o * s.k; e < (o + 1) * s.k; ++e) {
+        const int64_t* d = decoded.data() + 3 * static_cast<int64_t>(indices[e]);
+        t.channel[e] = base + d[0];
+        t.row_shift[e] = d[1];
+        t.col_shift[e] = d[2];
+      }
+    }
+  });
   return t;
 }
 
@@ -260,30 +268,30 @@ ConvColumns<T> conv_columns(const ConvTaps& taps, const T* values, const ConvSha
                             int64_t width) {
   const int64_t n = s.n_active * s.k;
   const int64_t classes = s.sh * s.sw;
-  std::vector<int64_t> group(n);
-  ConvColumns<T> cols;
-  cols.start.assign(s.channels * classes + 1, 0);
+  const int64_t groups = s.channels * classes;
+  const int64_t row_qs = (s.kh - 1) * s.dh / s.sh + 1;  // distinct row_q values
+  // One stable counting sort on (group, row_q): groups in order, row_q ascending within each.
+  std::vector<int64_t> key(n);
+  std::vector<int64_t> bucket(groups * row_qs + 1, 0);
   for (int64_t e = 0; e < n; ++e) {
-    group[e] = taps.channel[e] * classes + taps.row_shift[e] % s.sh * s.sw + taps.col_shift[e] % s.sw;
-    ++cols.start[group[e] + 1];
+    const int64_t group = taps.channel[e] * classes + taps.row_shift[e] % s.sh * s.sw + taps.col_shift[e] % s.sw;
+    key[e] = group * row_qs + taps.row_shift[e] / s.sh;
+    ++bucket[key[e] + 1];
   }
-  for (int64_t g = 0; g + 1 < static_cast<int64_t>(cols.start.size()); ++g) cols.start[g + 1] += cols.start[g];
-  std::vector<int64_t> order(n);
-  std::vector<int64_t> cursor(cols.start.begin(), cols.start.end() - 1);
-  for (int64_t e = 0; e < n; ++e) order[cursor[group[e]]++] = e;
-  for (int64_t g = 0; g + 1 < static_cast<int64_t>(cols.start.size()); ++g) {
-    std::stable_sort(order.begin() + cols.start[g], order.begin() + cols.start[g + 1],
-                     [&](int64_t a, int64_t b) { return taps.row_shift[a] < taps.row_shift[b]; });
-  }
+  for (int64_t b = 0; b + 1 < static_cast<int64_t>(bucket.size()); ++b) bucket[b + 1] += bucket[b];
+  ConvColumns<T> cols;
+  cols.start.resize(groups + 1);
+  for (int64_t g = 0; g <= groups; ++g) cols.start[g] = bucket[g * row_qs];
   cols.row_q.resize(n);
   cols.offset.resize(n);
   cols.value.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = order[i];
-    const int64_t o = e / s.k;
-    cols.row_q[i] = taps.row_shift[e] / s.sh;
-    cols.offset[i] = ((o * s.ho - cols.row_q[i]) * wg + halo - taps.col_shift[e] / s.sw) * width;
-    cols.value[i] = values[e];
+  for (int64_t o = 0, e = 0; o < s.n_active; ++o) {
+    for (int64_t j = 0; j < s.k; ++j, ++e) {
+      const int64_t i = bucket[key[e]]++;
+      cols.row_q[i] = taps.row_shift[e] / s.sh;
+      cols.offset[i] = ((o * s.ho - cols.row_q[i]) * wg + halo - taps.col_shift[e] / s.sw) * width;
+      cols.value[i] = values[e];
+    }
   }
   return cols;
 }
