@@ -350,7 +350,9 @@ class CondensedConv2d(_CondensedLayer):
     ``F.unfold`` lays out its columns in the same order, group ``g``'s fan-in is the column block
     ``g * fan_in_flat ...``, so every group (grouped and depthwise convolutions included) runs in one
     fan-in matmul over the unfolded input with offset indices. Padding of every mode is applied with
-    ``F.pad`` first, which also covers ``padding='same'``.
+    ``F.pad`` first, which also covers ``padding='same'``. Training (grad enabled) takes
+    :func:`srigl.condensed.conv_function.condensed_conv2d` instead, which saves no unfolded input and
+    runs the direct sparse kernels (zero padding applied inside the C++ kernel).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -452,11 +454,18 @@ class CondensedConv2d(_CondensedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        training = (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                    and not torch.compiler.is_exporting())
+        if training and self.padding_mode == "zeros":
+            # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
+            # this function saves only the input and pads it itself (see conv_function).
+            y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
+                                 self.kernel_size, self.stride, self.dilation, self.groups,
+                                 padding=self._pad)  # (N, out, H_out, W_out)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         if any(self._pad):
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_exporting():
-            # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
-            # this function saves only the padded input (see conv_function).
+        if training:
             y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
                                  self.kernel_size, self.stride, self.dilation, self.groups)  # (N, out, H_out, W_out)
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -194,10 +194,26 @@ def _backward_fake(grad_y, x, values, indices, need_grad_x, need_grad_values, ne
     )
 
 
+def _conv_out_size(x, kernel, stride, padding, dilation) -> tuple[int, int]:
+    padded = (x.shape[2] + padding[2] + padding[3], x.shape[3] + padding[0] + padding[1])
+    return tuple((padded[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2))
+
+
+def _conv_forward_fake(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups, max_tile):
+    torch._check(x.dim() == 4, lambda: f"srigl_fanin: conv x must be 4-D (N, C, H, W), got {x.dim()} dims")
+    return x.new_empty(x.shape[0], out_channels, *_conv_out_size(x, kernel, stride, padding, dilation))
+
+
+def _conv_backward_fake(grad_y, x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups,
+                        need_grad_x, need_grad_values, max_tile):
+    return (x.new_empty(x.shape) if need_grad_x else None, values.new_empty(values.shape) if need_grad_values else None)
+
+
 def _register_fakes() -> None:
     """Shape-only implementations of the operators, for tracing (see the module docstring)."""
     for name, fake in (("forward", _forward_fake), ("forward_rows", _forward_rows_fake),
-                       ("backward", _backward_fake)):
+                       ("backward", _backward_fake), ("conv_forward", _conv_forward_fake),
+                       ("conv_backward", _conv_backward_fake)):
         torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", fake)
 
 
@@ -371,3 +387,72 @@ def backward_with_bias(
         grad_values if need_grad_values else None,
         grad_bias if need_grad_bias else None,
     )
+
+
+def conv_forward(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    max_tile: int = 0,
+) -> torch.Tensor:
+    """The condensed conv2d of ``x`` (N, C, H, W) zero-padded on the fly, without an im2col tensor.
+
+    ``y[n, rows[i], p] = sum_j values[i, j] * x_pad[n, c, p * stride + (a, b) * dilation]`` where
+    ``indices[i, j]`` is the position ``(c, a, b)`` in the row's ``(C / groups, kh, kw)`` fan-in (its
+    group's channels); channels no row names are 0.
+
+    Args:
+        x: (N, C, H, W), contiguous float32/64.
+        values, indices: (n_active, k), contiguous; indices int16/int32/int64 (int64 narrowed per call).
+        rows: (n_active,) int64, the output channel of each row of ``values``.
+        out_channels, kernel_size, stride, dilation, groups: the convolution's.
+        padding: zero padding ``(left, right, top, bottom)``, as ``F.pad`` takes it.
+        max_tile: tuning knob, most batch entries per transposed tile (0: sized for L2).
+
+    Returns:
+        (N, out_channels, Ho, Wo).
+    """
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    return ops.conv_forward(x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
+                            list(padding), list(dilation), groups, max_tile)
+
+
+def conv_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    need_grad_x: bool,
+    need_grad_values: bool,
+    *,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    max_tile: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`conv_forward` w.r.t. x (N, C, H, W) and values (n_active, k), from a
+    contiguous ``grad_y`` (N, out_channels, Ho, Wo); None where not needed."""
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    grad_x, grad_values = ops.conv_backward(
+        grad_y, x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
+        list(padding), list(dilation), groups, need_grad_x, need_grad_values, max_tile,
+    )
+    return (grad_x if need_grad_x else None, grad_values if need_grad_values else None)

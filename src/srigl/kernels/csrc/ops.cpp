@@ -4,7 +4,8 @@
 // the torch operators srigl_fanin::forward, forward_rows and backward (autograd lives in Python),
 // plus pack_windows and forward_windows for the window layout (window.h). One translation unit:
 // this file holds the entry points and the registration and includes one header per route
-// (vec.h: SIMD helpers; gather.h; tiled.h; checks.h: argument checks; window.h).
+// (vec.h: SIMD helpers; gather.h; tiled.h; checks.h: argument checks; window.h), and the condensed
+// conv2d operators srigl_fanin::conv_forward and conv_backward (conv.h).
 //
 // Two layouts for the operands as stored (values, indices), chosen by batch size:
 //
@@ -32,6 +33,7 @@
 
 #include "checks.h"
 #include "gather.h"
+#include "conv.h"
 #include "tiled.h"
 #include "vec.h"
 #include "window.h"
@@ -172,6 +174,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   return {grad_x, grad_values, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Condensed conv2d (conv.h): zero padding (left, right, top, bottom) applied on the fly; groups
+// handled by the channel offset of each row.
+// ---------------------------------------------------------------------------------------------
+
+ConvShape conv_shape(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
+                     int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "srigl_fanin: conv x must be 4-D (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "srigl_fanin: values ", values.sizes(),
+              " and indices ", indices.sizes(), " must both be (n_active, k)");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "srigl_fanin: x is ", x.scalar_type(), " but values are ",
+              values.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && indices.is_contiguous(),
+              "srigl_fanin: x, values and indices must be contiguous");
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
+              "srigl_fanin: CPU kernel got a tensor on another device");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2,
+              "srigl_fanin: kernel, stride and dilation must be pairs");
+  TORCH_CHECK(padding.size() == 4 && padding[0] >= 0 && padding[1] >= 0 && padding[2] >= 0 && padding[3] >= 0,
+              "srigl_fanin: padding must be 4 non-negative amounts (left, right, top, bottom)");
+  ConvShape s{};
+  s.batch = x.size(0);
+  s.channels = x.size(1);
+  s.h = x.size(2);
+  s.w = x.size(3);
+  s.pad_left = padding[0];
+  s.pad_top = padding[2];
+  s.hp = s.h + padding[2] + padding[3];
+  s.wp = s.w + padding[0] + padding[1];
+  s.out_channels = out_channels;
+  s.n_active = values.size(0);
+  s.k = values.size(1);
+  s.kh = kernel[0];
+  s.kw = kernel[1];
+  s.sh = stride[0];
+  s.sw = stride[1];
+  s.dh = dilation[0];
+  s.dw = dilation[1];
+  s.groups = groups;
+  TORCH_CHECK(s.kh > 0 && s.kw > 0 && s.sh > 0 && s.sw > 0 && s.dh > 0 && s.dw > 0 && groups > 0,
+              "srigl_fanin: kernel, stride, dilation and groups must be positive");
+  TORCH_CHECK(s.channels % groups == 0 && out_channels % groups == 0, "srigl_fanin: channels ", s.channels,
+              " and out_channels ", out_channels, " must divide by groups ", groups);
+  TORCH_CHECK(s.hp >= s.dh * (s.kh - 1) + 1 && s.wp >= s.dw * (s.kw - 1) + 1, "srigl_fanin: padded input ", s.hp,
+              "x", s.wp, " is smaller than the dilated kernel");
+  s.ho = (s.hp - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+  s.wo = (s.wp - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+  checked_rows(rows, s.n_active, out_channels);
+  return s;
+}
+
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                        const at::Tensor& rows, int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t max_tile) {
+  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups);
+  // Only inactive channels need zeros; the kernel writes every element of the active ones.
+  at::Tensor y = s.n_active == out_channels ? at::empty({s.batch, out_channels, s.ho, s.wo}, x.options())
+                                            : at::zeros({s.batch, out_channels, s.ho, s.wo}, x.options());
+  if (s.batch == 0 || s.n_active == 0 || s.ho * s.wo == 0) return s.k == 0 ? y.zero_() : y;
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
+    const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
+    conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
+      conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
+                                       y.data_ptr<T>(), nullptr, nullptr, nullptr);
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& values, const at::Tensor& indices,
+                                                 const at::Tensor& rows, int64_t out_channels, at::IntArrayRef kernel,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, bool need_grad_x,
+                                                 bool need_grad_values, int64_t max_tile) {
+  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.batch && grad_y.size(1) == out_channels &&
+                  grad_y.size(2) == s.ho && grad_y.size(3) == s.wo && grad_y.is_contiguous() &&
+                  grad_y.scalar_type() == x.scalar_type(),
+              "srigl_fanin: grad_y must be a contiguous (", s.batch, ", ", out_channels, ", ", s.ho, ", ", s.wo,
+              ") tensor of x's dtype");
+  at::Tensor grad_x, grad_values;
+  const bool empty = s.batch == 0 || s.n_active == 0 || s.k == 0 || s.ho * s.wo == 0 || s.h * s.w == 0;
+  // The kernel writes every element of grad_x (each input row once) and of grad_values.
+  if (need_grad_x) grad_x = empty ? at::zeros_like(x) : at::empty_like(x);
+  if (need_grad_values) grad_values = empty ? at::zeros_like(values) : at::empty_like(values);
+  if (empty || (!need_grad_x && !need_grad_values)) return {grad_x, grad_values};
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
+    const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
+    conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
+      conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
+                                       nullptr, grad_y.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr,
+                                       need_grad_values ? grad_values.data_ptr<T>() : nullptr);
+    });
+  });
+  return {grad_x, grad_values};
+}
+
 }  // namespace
 }  // namespace srigl_fanin
 
@@ -187,6 +294,15 @@ TORCH_LIBRARY(srigl_fanin, m) {
       "bool need_grad_bias, int gather_max_batch, int max_width, int chunk_rows) -> (Tensor, Tensor, Tensor)");
   m.def("pack_windows(Tensor values, Tensor indices, int in_features) -> Tensor");
   m.def("forward_windows(Tensor x, Tensor packed, Tensor? bias, Tensor? rows, int out_full) -> Tensor");
+  m.def(
+      "conv_forward(Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, int[] kernel, "
+      "int[] stride, int[] padding, int[] dilation, int groups, int max_tile) -> Tensor");
+  m.def(
+      "conv_backward(Tensor grad_y, Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, "
+      "int[] kernel, int[] stride, int[] padding, int[] dilation, int groups, bool need_grad_x, "
+      "bool need_grad_values, "
+      "int max_tile) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
@@ -195,4 +311,6 @@ TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
   m.impl("backward", &srigl_fanin::backward);
   m.impl("pack_windows", &srigl_fanin::pack_windows);
   m.impl("forward_windows", &srigl_fanin::forward_windows);
+  m.impl("conv_forward", &srigl_fanin::conv_forward);
+  m.impl("conv_backward", &srigl_fanin::conv_backward);
 }
