@@ -37,14 +37,17 @@ struct Tiling {
   int bytes;      // vector width used for the tiles
 };
 
-template <typename T>
+// S is the storage type of the operands (T = compute_t<S> is the tile's).
+template <typename T, typename S = T>
 Tiling choose_tiling(int64_t batch, int64_t in_features, int64_t threads, int64_t max_width) {
   // Small batches: one narrow tile (4 or 8 floats) instead of a 16-float tile mostly of
   // padding. The per-entry cost is the same, but the tile is 4x or 2x smaller (48 or 96 KiB for
-  // 3072 inputs), so the random row reads hit L1 instead of L2.
+  // 3072 inputs), so the random row reads hit L1 instead of L2. Not the 8-float tile for bf16
+  // operands: measured, it ran ~1.4x slower than the float one on the same layer while the full
+  // 16-float tile ran faster than either (results/bf16_kernel.md); the cause is not understood.
   if (max_width <= 0) {
     if (16 < kVecBytes && batch <= Vec<T, 16>::kLanes) return {Vec<T, 16>::kLanes, 1, 16};
-    if (32 < kVecBytes && batch <= Vec<T, 32>::kLanes) return {Vec<T, 32>::kLanes, 1, 32};
+    if (32 < kVecBytes && batch <= Vec<T, 32>::kLanes && !std::is_same_v<S, bf16>) return {Vec<T, 32>::kLanes, 1, 32};
   }
   constexpr int64_t lanes = Vec<T>::kLanes;
   if (max_width <= 0) {
@@ -182,6 +185,22 @@ T* thread_scratch(int64_t n) {
 template <typename T, typename I, int B, int NV, typename S>
 inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx, const S* w, int64_t j0,
                             int64_t j1) {
+  if constexpr (!std::is_same_v<S, T>) {
+    // Widened a block at a time with vector shifts: widening each weight as it is broadcast (load,
+    // shift, move, broadcast) costs about as much as a narrow tile's whole multiply-add, and made
+    // bf16 slower than float at batches 3-16 (results/bf16_kernel.md).
+    constexpr int64_t kBlock = 256;
+    constexpr int WL = Vec<T>::kLanes;
+    alignas(64) T wide[kBlock];
+    for (int64_t jb = j0; jb < j1; jb += kBlock) {
+      const int64_t n = std::min(kBlock, j1 - jb);
+      int64_t q = 0;
+      for (; q + WL <= n; q += WL) store<T>(wide + q, load_as<T, kVecBytes>(w + jb + q));
+      for (; q < n; ++q) wide[q] = T(w[jb + q]);
+      accumulate_rows<T, I, B, NV, T>(acc_row, xt, width, idx + jb, wide, 0, n);
+    }
+    return;
+  }
   using V = typename Vec<T, B>::type;
   constexpr int L = Vec<T, B>::kLanes;
   // Independent partial sums: an FMA waits ~4 cycles for its accumulator, so narrow tiles need
@@ -381,7 +400,7 @@ void forward_transposed(const S* x, const S* values, const I* indices, const S* 
                         int64_t chunk_rows) {
   using T = compute_t<S>;
   const int64_t threads = at::get_num_threads();
-  const Tiling tiling = choose_tiling<T>(batch, in_features, threads, max_width);
+  const Tiling tiling = choose_tiling<T, S>(batch, in_features, threads, max_width);
   // Fewer tiles than threads: also split the output rows, so that tiles * blocks is a multiple of
   // the thread count and every thread gets equal work.
   const int64_t blocks = std::min<int64_t>(std::max<int64_t>(1, out_features), threads / gcd(tiling.count, threads));
