@@ -12,7 +12,7 @@ import torch
 
 import srigl.kernels as kernels
 from srigl.condensed import CondensedLinear
-from srigl.kernels import cpu, dispatch, fanin_matmul, fanin_matmul_rows, inference, reference
+from srigl.kernels import cpu, fanin_matmul, fanin_matmul_rows, inference, reference
 
 ROUTES = ("avx512_bf16", "portable")
 
