@@ -9,7 +9,8 @@ A constant fan-in layer keeps exactly ``k`` incoming weights per output neuron, 
 three backends (:data:`BACKENDS`):
 
 * ``"cpp"``: a C++ kernel compiled on first use (see :mod:`srigl.kernels.cpu`), for CPU
-  float32/float64. Gather layout for tiny batches, cache-tiled transposed layout otherwise.
+  float32/float64 and bfloat16 (float accumulation; the bf16 backward runs the float32 one on
+  widened copies). Gather layout for tiny batches, cache-tiled transposed layout otherwise.
   Modules that own their weights can also keep a repacked copy in the *window layout*
   (:mod:`srigl.kernels.inference`, AVX-512 and float32 only), which is faster for small batches.
 * ``"triton"``: Triton kernels (:mod:`srigl.kernels.triton_kernels`) for CUDA tensors, when

@@ -30,6 +30,13 @@ Why this registration
     copy torch has already loaded, so there is one OpenMP pool and ``torch.set_num_threads``
     governs the kernels.
 
+Why bfloat16 needs no flag of its own
+    bf16 operands are widened to float inside the kernel (a 16-bit shift, any x86 level) and the
+    products accumulate in float. The one AVX-512-BF16 instruction used (``vdpbf16ps``, in the
+    small-batch gather route) sits in a function with a ``target("avx512bf16")`` attribute and is
+    chosen at run time from CPUID (:func:`bf16_route`), so every AVX-512 CPU can load the same
+    cached binary, and the ISA level in the extension's name stays torch's own.
+
 Why fake implementations
     ``torch.compile`` traces with FakeTensors (shapes, no data), and an operator registered from
     C++ for the CPU only has no way to say what it returns without running. :func:`_build`
@@ -55,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "bf16_route", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -286,6 +293,23 @@ def window_ops() -> tuple[object, object] | None:
     return _state.get("window_ops")
 
 
+def bf16_route(portable: bool | None = None) -> str:
+    """Which bf16 dot product the small-batch (gather) route uses: ``"avx512_bf16"`` (``vdpbf16ps``,
+    where the CPU has AVX-512-BF16) or ``"portable"`` (bf16 widened to float, the float gather).
+
+    Args:
+        portable: True forces the portable route in this process (tests compare the two on one
+            machine), False lets the CPU decide again; None only asks.
+
+    Raises:
+        RuntimeError: the kernel is not available.
+    """
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    return ops.bf16_route(-1 if portable is None else int(portable))
+
+
 def available() -> bool:
     """True when the compiled kernel is (or could just now be) loaded. Builds on the first call."""
     return _ops() is not None
@@ -319,7 +343,8 @@ def forward(
     max_width: int = 0,
     chunk_rows: int = 0,
 ) -> torch.Tensor:
-    """``y = x @ W.T + bias`` for the condensed ``W``; x is (batch, in), contiguous, float32/64.
+    """``y = x @ W.T + bias`` for the condensed ``W``; x is (batch, in), contiguous, float32/64 or
+    bfloat16 (float accumulation, one rounding per output).
 
     Args:
         x: (batch, in_features), contiguous.
@@ -374,10 +399,22 @@ def backward_with_bias(
     chunk_rows: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """:func:`backward` plus the bias gradient (out,), ``grad_y.sum(0)``, summed by the kernel from
-    the grad_y tiles it transposes anyway; None where not needed."""
+    the grad_y tiles it transposes anyway; None where not needed.
+
+    bf16 operands run the float32 backward on widened copies and the gradients are rounded back to
+    bf16: the kernel's backward accumulates into its outputs across tiles and input chunks, which
+    in bf16 would round at every step. The copies cost a pass over x, grad_y and values, small
+    next to the product.
+    """
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    if values.dtype is torch.bfloat16:
+        grads = backward_with_bias(
+            grad_y.float(), x.float(), values.float(), indices, need_grad_x, need_grad_values, need_grad_bias,
+            gather_max_batch=gather_max_batch, max_width=max_width, chunk_rows=chunk_rows,
+        )
+        return tuple(None if grad is None else grad.to(torch.bfloat16) for grad in grads)
     grad_x, grad_values, grad_bias = ops.backward(
         grad_y, x, values, _narrow(indices, x.shape[1]), need_grad_x, need_grad_values, need_grad_bias,
         gather_max_batch, max_width, chunk_rows,

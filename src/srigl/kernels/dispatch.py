@@ -1,6 +1,6 @@
 """Dispatch of the constant fan-in product to a backend, and its autograd.
 
-* Backend choice: ``"cpp"`` (CPU float32/float64, when the C++ kernel builds), ``"triton"`` (CUDA,
+* Backend choice: ``"cpp"`` (CPU float32/float64/bfloat16, when the C++ kernel builds), ``"triton"`` (CUDA,
   when triton imports), ``"torch"`` everywhere else or under ``SRIGL_DISABLE_EXTENSION=1``. The
   automatic choice is made once per (device type, dtype) and cached (:func:`reset_backend_cache`).
 * Under ``torch.compile`` the choice is made at trace time by a function dynamo treats as a constant
@@ -41,7 +41,7 @@ BACKENDS = ("cpp", "triton", "torch")
 #: Setting this environment variable to ``1`` forces the pure-torch backend on every device.
 DISABLE_ENV = "SRIGL_DISABLE_EXTENSION"
 
-_CPP_DTYPES = (torch.float32, torch.float64)
+_CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -121,7 +121,7 @@ def _check_requested(requested: str, device: torch.device, dtype: torch.dtype) -
         raise BackendUnavailableError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
     if requested == "cpp":
         if device.type != "cpu" or dtype not in _CPP_DTYPES:
-            raise BackendUnavailableError(f"backend 'cpp' runs CPU float32/float64, got {device} {dtype}")
+            raise BackendUnavailableError(f"backend 'cpp' runs CPU float32/float64/bfloat16, got {device} {dtype}")
         if not cpu.available():
             raise BackendUnavailableError(f"backend 'cpp' failed to build: {cpu.load_error()}")
     if requested == "triton":

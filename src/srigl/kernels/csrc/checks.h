@@ -13,7 +13,8 @@ namespace {
 // Operator entry points.
 // ---------------------------------------------------------------------------------------------
 
-// Calls f(T{}, I{}) for the (value dtype, index dtype) pair.
+// Calls f(T{}, I{}) for the (value dtype, index dtype) pair; T is the storage type (bf16 for
+// bfloat16, which the routes widen to float: see compute_t in vec.h).
 template <typename F>
 void dispatch(at::ScalarType dtype, at::ScalarType index_dtype, F&& f) {
   auto with_index = [&](auto t) {
@@ -27,7 +28,8 @@ void dispatch(at::ScalarType dtype, at::ScalarType index_dtype, F&& f) {
   switch (dtype) {
     case at::kFloat: with_index(float{}); break;
     case at::kDouble: with_index(double{}); break;
-    default: TORCH_CHECK(false, "srigl_fanin: values must be float32 or float64, got ", dtype);
+    case at::kBFloat16: with_index(bf16{}); break;
+    default: TORCH_CHECK(false, "srigl_fanin: values must be float32, float64 or bfloat16, got ", dtype);
   }
 }
 

@@ -27,6 +27,12 @@
 // 32-input windows read with a permute instead of gathers. It is the fastest route for small
 // batches; see window.h for the layout.
 //
+// bfloat16 (forward only): values, x, bias and y in bf16, products accumulated in float and rounded
+// once per output. The gather layout uses vdpbf16ps where the CPU has AVX-512-BF16 (chosen at run
+// time, gather.h) and otherwise widens to float and runs the float gather; the transposed layout
+// widens x as it transposes it in and rounds as it transposes the results out. The backward of a
+// bf16 layer runs this kernel's float32 backward on widened copies (cpu.py), so it is refused here.
+//
 // Parallelism uses at::parallel_for, i.e. torch's own OpenMP pool, so torch.set_num_threads()
 // applies and no second OpenMP runtime is started. Work is split into a fixed number of chunks
 // (the thread count) with per-chunk scratch, so results do not depend on thread scheduling.
@@ -132,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
                                                         int64_t gather_max_batch, int64_t max_width,
                                                         int64_t chunk_rows) {
   check_operands(x, values, indices);
+  TORCH_CHECK(x.scalar_type() != at::kBFloat16,
+              "srigl_fanin: the backward takes float32 or float64 (bf16 layers run it on float32 copies)");
   const int64_t batch = x.size(0);
   const int64_t in_features = x.size(1);
   const int64_t out_features = values.size(0);
@@ -159,16 +167,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
     using T = decltype(t);
     using I = decltype(i);
-    T* gx = need_grad_x ? grad_x.data_ptr<T>() : nullptr;
-    T* gv = need_grad_values ? grad_values.data_ptr<T>() : nullptr;
-    T* gb = need_grad_bias ? grad_bias.data_ptr<T>() : nullptr;
-    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
-    if (batch <= gather_max_batch) {
-      backward_gather<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), gx,
-                            gv, gb, batch, in_features, out_features, k);
-    } else {
-      backward_transposed<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(),
-                                gx, gv, gb, batch, in_features, out_features, k, max_width, chunk_rows);
+    if constexpr (!std::is_same_v<T, bf16>) {  // bf16 is refused above
+      T* gx = need_grad_x ? grad_x.data_ptr<T>() : nullptr;
+      T* gv = need_grad_values ? grad_values.data_ptr<T>() : nullptr;
+      T* gb = need_grad_bias ? grad_bias.data_ptr<T>() : nullptr;
+      check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
+      if (batch <= gather_max_batch) {
+        backward_gather<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), gx,
+                              gv, gb, batch, in_features, out_features, k);
+      } else {
+        backward_transposed<T, I>(grad_y.data_ptr<T>(), x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(),
+                                  gx, gv, gb, batch, in_features, out_features, k, max_width, chunk_rows);
+      }
     }
   });
   return {grad_x, grad_values, grad_bias};
@@ -187,6 +197,7 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& values, const at::Te
               " and indices ", indices.sizes(), " must both be (n_active, k)");
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "srigl_fanin: x is ", x.scalar_type(), " but values are ",
               values.scalar_type());
+  TORCH_CHECK(x.scalar_type() != at::kBFloat16, "srigl_fanin: the conv kernel takes float32 or float64, not bfloat16");
   TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && indices.is_contiguous(),
               "srigl_fanin: x, values and indices must be contiguous");
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
@@ -237,12 +248,14 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
     using T = decltype(t);
     using I = decltype(i);
-    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
-    const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
-    conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
-      conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
-                                       y.data_ptr<T>(), nullptr, nullptr, nullptr);
-    });
+    if constexpr (!std::is_same_v<T, bf16>) {  // bf16 is refused in conv_shape
+      check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
+      const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
+      conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
+        conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
+                                         y.data_ptr<T>(), nullptr, nullptr, nullptr);
+      });
+    }
   });
   return y;
 }
@@ -268,15 +281,24 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const
   dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
     using T = decltype(t);
     using I = decltype(i);
-    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
-    const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
-    conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
-      conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
-                                       nullptr, grad_y.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr,
-                                       need_grad_values ? grad_values.data_ptr<T>() : nullptr);
-    });
+    if constexpr (!std::is_same_v<T, bf16>) {  // bf16 is refused in conv_shape
+      check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
+      const ConvTaps taps = conv_taps<I>(indices.data_ptr<I>(), rows.data_ptr<int64_t>(), s);
+      conv_dispatch_width<T>(s, max_tile, [&](auto nv) {
+        conv_run<T, decltype(nv)::value>(s, taps, x.data_ptr<T>(), values.data_ptr<T>(), rows.data_ptr<int64_t>(),
+                                         nullptr, grad_y.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr,
+                                         need_grad_values ? grad_values.data_ptr<T>() : nullptr);
+      });
+    }
   });
   return {grad_x, grad_values};
+}
+
+// The route of bf16 products: mode 1 forces the portable one, 0 lets the CPU decide, anything else
+// only asks. Returns "avx512_bf16" or "portable", the route in effect afterwards.
+std::string bf16_route(int64_t mode) {
+  if (mode == 0 || mode == 1) bf16_force_portable.store(mode == 1, std::memory_order_relaxed);
+  return bf16_route_name();
 }
 
 }  // namespace
@@ -303,6 +325,8 @@ TORCH_LIBRARY(srigl_fanin, m) {
       "bool need_grad_values, "
       "int max_tile) "
       "-> (Tensor, Tensor)");
+  // No tensor arguments, so no dispatch key: a catch-all kernel, registered with the schema.
+  m.def("bf16_route(int mode) -> str", &srigl_fanin::bf16_route);
 }
 
 TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {

@@ -37,14 +37,17 @@ struct Tiling {
   int bytes;      // vector width used for the tiles
 };
 
-template <typename T>
+// S is the storage type of the operands (T = compute_t<S> is the tile's).
+template <typename T, typename S = T>
 Tiling choose_tiling(int64_t batch, int64_t in_features, int64_t threads, int64_t max_width) {
   // Small batches: one narrow tile (4 or 8 floats) instead of a 16-float tile mostly of
   // padding. The per-entry cost is the same, but the tile is 4x or 2x smaller (48 or 96 KiB for
-  // 3072 inputs), so the random row reads hit L1 instead of L2.
+  // 3072 inputs), so the random row reads hit L1 instead of L2. Not the 8-float tile for bf16
+  // operands: measured, it ran ~1.4x slower than the float one on the same layer while the full
+  // 16-float tile ran faster than either (results/bf16_kernel.md); the cause is not understood.
   if (max_width <= 0) {
     if (16 < kVecBytes && batch <= Vec<T, 16>::kLanes) return {Vec<T, 16>::kLanes, 1, 16};
-    if (32 < kVecBytes && batch <= Vec<T, 32>::kLanes) return {Vec<T, 32>::kLanes, 1, 32};
+    if (32 < kVecBytes && batch <= Vec<T, 32>::kLanes && !std::is_same_v<S, bf16>) return {Vec<T, 32>::kLanes, 1, 32};
   }
   constexpr int64_t lanes = Vec<T>::kLanes;
   if (max_width <= 0) {
@@ -117,38 +120,39 @@ inline void reduce_lanes(typename Vec<T, B>::type* d) {
 
 // dst (cols, width) <- transpose of rows [row0, row0 + rows) of src, a row-major (*, cols)
 // matrix; columns rows..width-1 of dst are zeroed (they are computed on, so they must not hold
-// NaNs). width is a multiple of the lanes.
-template <typename T, int B>
-void transpose_in(const T* src, int64_t cols, int64_t row0, int64_t rows, int64_t width, T* dst) {
+// NaNs). width is a multiple of the lanes. src may be stored as bf16 (S), widened on load.
+template <typename T, int B, typename S>
+void transpose_in(const S* src, int64_t cols, int64_t row0, int64_t rows, int64_t width, T* dst) {
   using V = typename Vec<T, B>::type;
   constexpr int L = Vec<T, B>::kLanes;
   for (int64_t r0 = 0; r0 < width; r0 += L) {
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(L, rows - r0));
-    const T* s = src + (row0 + r0) * cols;
+    const S* s = src + (row0 + r0) * cols;
     int64_t c0 = 0;
     for (; c0 + L <= cols; c0 += L) {
       V r[L];
 #pragma GCC unroll 16
-      for (int q = 0; q < L; ++q) r[q] = q < valid ? load<T, B>(s + q * cols + c0) : V{};
+      for (int q = 0; q < L; ++q) r[q] = q < valid ? load_as<T, B>(s + q * cols + c0) : V{};
       transpose_block<T, B>(r);
 #pragma GCC unroll 16
       for (int q = 0; q < L; ++q) store<T, B>(dst + (c0 + q) * width + r0, r[q]);
     }
     for (int64_t c = c0; c < cols; ++c) {  // fewer than L columns left
-      for (int64_t q = 0; q < L; ++q) dst[c * width + r0 + q] = q < valid ? s[q * cols + c] : T(0);
+      for (int64_t q = 0; q < L; ++q) dst[c * width + r0 + q] = q < valid ? T(s[q * cols + c]) : T(0);
     }
   }
 }
 
 // dst[(row0 + r) * dst_ld + c] = src[c * width + r] for r < rows, c < cols: the transpose of a
-// (cols, width) tile back into rows of a row-major matrix (dst may point into the middle of a row).
-template <typename T, int B>
-void transpose_out(const T* src, int64_t cols, int64_t row0, int64_t rows, int64_t width, T* dst, int64_t dst_ld) {
+// (cols, width) tile back into rows of a row-major matrix (dst may point into the middle of a row),
+// rounded to dst's storage type S.
+template <typename T, int B, typename S>
+void transpose_out(const T* src, int64_t cols, int64_t row0, int64_t rows, int64_t width, S* dst, int64_t dst_ld) {
   using V = typename Vec<T, B>::type;
   constexpr int L = Vec<T, B>::kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += L) {
     const int64_t valid = std::min<int64_t>(L, rows - r0);
-    T* d = dst + (row0 + r0) * dst_ld;
+    S* d = dst + (row0 + r0) * dst_ld;
     int64_t c0 = 0;
     for (; c0 + L <= cols; c0 += L) {
       V r[L];
@@ -157,11 +161,11 @@ void transpose_out(const T* src, int64_t cols, int64_t row0, int64_t rows, int64
       transpose_block<T, B>(r);
 #pragma GCC unroll 16
       for (int q = 0; q < L; ++q) {
-        if (q < valid) store<T, B>(d + q * dst_ld + c0, r[q]);
+        if (q < valid) store_as<T, B>(d + q * dst_ld + c0, r[q]);
       }
     }
     for (int64_t c = c0; c < cols; ++c) {
-      for (int64_t q = 0; q < valid; ++q) d[q * dst_ld + c] = src[c * width + r0 + q];
+      for (int64_t q = 0; q < valid; ++q) d[q * dst_ld + c] = S(src[c * width + r0 + q]);
     }
   }
 }
@@ -176,10 +180,27 @@ T* thread_scratch(int64_t n) {
   return buffer.data();
 }
 
-// acc (NV vectors, one row of a result tile) += sum_{j in [j0, j1)} w[j] * xt[idx[j], :].
-template <typename T, typename I, int B, int NV>
-inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx, const T* w, int64_t j0,
+// acc (NV vectors, one row of a result tile) += sum_{j in [j0, j1)} w[j] * xt[idx[j], :] (w stored as
+// S: a bf16 weight is widened once, then multiplies NV vectors).
+template <typename T, typename I, int B, int NV, typename S>
+inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx, const S* w, int64_t j0,
                             int64_t j1) {
+  if constexpr (!std::is_same_v<S, T>) {
+    // Widened a block at a time with vector shifts: widening each weight as it is broadcast (load,
+    // shift, move, broadcast) costs about as much as a narrow tile's whole multiply-add, and made
+    // bf16 slower than float at batches 3-16 (results/bf16_kernel.md).
+    constexpr int64_t kBlock = 256;
+    constexpr int WL = Vec<T>::kLanes;
+    alignas(64) T wide[kBlock];
+    for (int64_t jb = j0; jb < j1; jb += kBlock) {
+      const int64_t n = std::min(kBlock, j1 - jb);
+      int64_t q = 0;
+      for (; q + WL <= n; q += WL) store<T>(wide + q, load_as<T, kVecBytes>(w + jb + q));
+      for (; q < n; ++q) wide[q] = T(w[jb + q]);
+      accumulate_rows<T, I, B, NV, T>(acc_row, xt, width, idx + jb, wide, 0, n);
+    }
+    return;
+  }
   using V = typename Vec<T, B>::type;
   constexpr int L = Vec<T, B>::kLanes;
   // Independent partial sums: an FMA waits ~4 cycles for its accumulator, so narrow tiles need
@@ -198,14 +219,14 @@ inline void accumulate_rows(T* acc_row, const T* xt, int64_t width, const I* idx
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
       const T* row = xt + static_cast<int64_t>(idx[j + p]) * width;
-      const T wj = w[j + p];
+      const T wj = T(w[j + p]);
 #pragma GCC unroll 8
       for (int n = 0; n < NV; ++n) acc[p][n] += load<T, B>(row + n * L) * wj;
     }
   }
   for (; j < j1; ++j) {
     const T* row = xt + static_cast<int64_t>(idx[j]) * width;
-    const T wj = w[j];
+    const T wj = T(w[j]);
 #pragma GCC unroll 8
     for (int n = 0; n < NV; ++n) acc[0][n] += load<T, B>(row + n * L) * wj;
   }
@@ -238,13 +259,13 @@ inline int64_t chunk_end(const I* idx, int64_t j0, int64_t k, int64_t c1, int64_
 // through yt once per chunk instead of once per entry. Sorted index rows give each chunk a
 // contiguous run; unsorted rows are still exact (an entry is taken in the first chunk whose
 // end exceeds its index and every xt row is addressable), just less cache-friendly.
-template <typename T, typename I, int B, int NV>
-void forward_tile(const T* xt, int64_t width, int64_t in_features, int64_t chunk, const T* values,
-                  const I* indices, int64_t k, const T* bias, int64_t o0, int64_t o1, T* yt, int64_t* cursor) {
+template <typename T, typename I, int B, int NV, typename S>
+void forward_tile(const T* xt, int64_t width, int64_t in_features, int64_t chunk, const S* values,
+                  const I* indices, int64_t k, const S* bias, int64_t o0, int64_t o1, T* yt, int64_t* cursor) {
   using V = typename Vec<T, B>::type;
   constexpr int L = Vec<T, B>::kLanes;
   for (int64_t o = o0; o < o1; ++o) {
-    const V init = V{} + (bias ? bias[o] : T(0));
+    const V init = V{} + (bias ? T(bias[o]) : T(0));
 #pragma GCC unroll 8
     for (int n = 0; n < NV; ++n) store<T, B>(yt + (o - o0) * width + n * L, init);
     cursor[o - o0] = 0;
@@ -255,7 +276,7 @@ void forward_tile(const T* xt, int64_t width, int64_t in_features, int64_t chunk
       const int64_t j0 = cursor[o - o0];
       const int64_t j1 = chunk_end(idx, j0, k, c1, in_features);
       if (j1 == j0) continue;
-      accumulate_rows<T, I, B, NV>(yt + (o - o0) * width, xt, width, idx, values + o * k, j0, j1);
+      accumulate_rows<T, I, B, NV, S>(yt + (o - o0) * width, xt, width, idx, values + o * k, j0, j1);
       cursor[o - o0] = j1;
     }
     if (c1 >= in_features) break;
@@ -370,12 +391,16 @@ int64_t choose_chunk(int64_t width, int64_t in_features, int64_t k, int64_t chun
 
 inline int64_t gcd(int64_t a, int64_t b) { return b == 0 ? a : gcd(b, a % b); }
 
-template <typename T, typename I>
-void forward_transposed(const T* x, const T* values, const I* indices, const T* bias, T* y, int64_t batch,
+// y = x @ W.T + bias through transposed tiles. S is the storage type of x, values, bias and y; the
+// tiles and accumulators are compute_t<S> (float for bf16: x is widened as it is transposed in, and
+// results are rounded once as they are transposed out).
+template <typename S, typename I>
+void forward_transposed(const S* x, const S* values, const I* indices, const S* bias, S* y, int64_t batch,
                         int64_t in_features, int64_t out_features, int64_t k, int64_t max_width,
                         int64_t chunk_rows) {
+  using T = compute_t<S>;
   const int64_t threads = at::get_num_threads();
-  const Tiling tiling = choose_tiling<T>(batch, in_features, threads, max_width);
+  const Tiling tiling = choose_tiling<T, S>(batch, in_features, threads, max_width);
   // Fewer tiles than threads: also split the output rows, so that tiles * blocks is a multiple of
   // the thread count and every thread gets equal work.
   const int64_t blocks = std::min<int64_t>(std::max<int64_t>(1, out_features), threads / gcd(tiling.count, threads));
@@ -401,7 +426,7 @@ void forward_transposed(const T* x, const T* values, const I* indices, const T* 
           transpose_in<T, B>(x, in_features, b0, rows, width, xt);
           loaded_tile = tile;
         }
-        forward_tile<T, I, B, decltype(shape)::kVecs>(xt, width, in_features, chunk, values, indices, k, bias, o0,
+        forward_tile<T, I, B, decltype(shape)::kVecs, S>(xt, width, in_features, chunk, values, indices, k, bias, o0,
                                                       o1, yt, cursor);
         // Results go through the (out, width) tile and a SIMD transpose: writing y[b, o]
         // directly would touch `width` cache lines per output row.

@@ -1,5 +1,6 @@
 // SIMD building blocks shared by every route: register width for the ISA this build targets (the
-// flags come from cpu.py), tile and cache-chunk footprints, Vec<T, B> load/store/horizontal sum.
+// flags come from cpu.py), tile and cache-chunk footprints, Vec<T, B> load/store/horizontal sum,
+// and the bfloat16 storage type (widened to float on load, rounded back on store).
 
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -92,6 +94,68 @@ inline T horizontal_sum(typename Vec<T, B>::type v) {
   T s = 0;
   for (int l = 0; l < Vec<T, B>::kLanes; ++l) s += v[l];
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 storage: values, x, bias and y may be bf16; every route computes and accumulates in
+// float (a bf16 accumulator would lose the low bits of a k-term sum), widening on load and
+// rounding to nearest even once per output element.
+// ---------------------------------------------------------------------------------------------
+
+using bf16 = c10::BFloat16;
+
+// The type a route computes in for operands stored as S.
+template <typename S>
+struct Compute {
+  using type = S;
+};
+template <>
+struct Compute<bf16> {
+  using type = float;
+};
+template <typename S>
+using compute_t = typename Compute<S>::type;
+
+// The bits of B / 4 bf16 values (Half) and of as many floats (Word), as vectors. Declared at class
+// scope: GCC does not treat a vector typedef with a dependent size inside a function template as
+// a vector.
+template <int B>
+struct Bf16Bits {
+  typedef uint16_t Half __attribute__((vector_size(B / 2), aligned(2), may_alias));
+  typedef uint32_t Word __attribute__((vector_size(B)));
+};
+
+// One B-byte vector of T from kLanes elements stored as S (S == T, or bf16 widened to float: the
+// 16 bits of a bf16 are the high half of the float with the same value, so widening is a shift).
+template <typename T, int B, typename S>
+inline typename Vec<T, B>::type load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load<T, B>(p);
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>, "only bf16 -> float widening");
+    using Half = typename Bf16Bits<B>::Half;
+    using Word = typename Bf16Bits<B>::Word;
+    const Word bits = __builtin_convertvector(*reinterpret_cast<const Half*>(p), Word) << 16;
+    return (typename Vec<T, B>::type)bits;  // same-size vector cast: a bit copy
+  }
+}
+
+// Stores one vector of T as kLanes elements of S; float -> bf16 rounds to nearest even and keeps
+// NaN a (quiet) NaN, the rounding of c10::BFloat16's constructor, so vector and scalar tails agree.
+template <typename T, int B, typename S>
+inline void store_as(S* p, typename Vec<T, B>::type v) {
+  if constexpr (std::is_same_v<S, T>) {
+    store<T, B>(p, v);
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>, "only float -> bf16 rounding");
+    using Half = typename Bf16Bits<B>::Half;
+    using Word = typename Bf16Bits<B>::Word;
+    const Word bits = (Word)v;
+    const Word rounded = bits + (0x7FFFu + ((bits >> 16) & 1u));
+    const Word nan = Word{} + 0x7FC00000u;
+    const Word out = ((bits & 0x7FFFFFFFu) > 0x7F800000u) ? nan : rounded;
+    *reinterpret_cast<Half*>(p) = __builtin_convertvector(out >> 16, Half);
+  }
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
