@@ -69,3 +69,7 @@ class MaskError(SriglError, ValueError):
 
 class MissingDependencyError(SriglError, ImportError):
     """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
+class ContextLengthError(SriglError, ValueError):
+    """A decoder was given more cached plus new tokens than its context length holds."""
