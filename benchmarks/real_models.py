@@ -319,7 +319,7 @@ def run_model(name: str, args, run_id: str) -> tuple[list[dict], dict]:
 
 # ---------------------------------------------------------------------- profile
 CATEGORIES = [  # (category, substrings of aten / operator names), first match wins
-    ("condensed linears", ("srigl_fanin", "index_select", "gather")),
+    ("condensed linears", ("srigl_fanin", "index_select", "gather", "im2col")),  # im2col: condensed convs unfold
     ("attention core", ("scaled_dot_product", "flash_attention", "softmax", "bmm", "baddbmm")),
     ("LayerNorm", ("layer_norm",)),
     ("dense linears/convs", ("addmm", "aten::mm", "aten::linear", "matmul", "conv", "mkldnn")),
