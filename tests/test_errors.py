@@ -27,12 +27,14 @@ from srigl.app.datasets.xmc import XMCIndexRangeError, XMCTokenError
 from srigl.io.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from srigl.errors import (
     CheckpointError,
+    ContextLengthError,
     CheckpointMismatchError,
     InfeasibleSparsityError,
     InvalidConfigError,
     InvalidSparsityError,
     LayerTooLargeError,
     MaskError,
+    MissingDependencyError,
     NoSparsifiableLayerError,
     ParameterNotInOptimizerError,
     StateDictMismatchError,
@@ -409,6 +411,29 @@ def _xmc_case(kind: str):
         load_xmc("xmc:toy", "toy")
 
 
+def _decoder_past_its_context():
+    from srigl.app.decoder import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(vocab_size=64, context=16, dim=32, depth=1, heads=4).eval()
+    with torch.no_grad():
+        _, past = model(torch.zeros(1, 12, dtype=torch.long))
+        model(torch.zeros(1, 6, dtype=torch.long), past)
+
+
+def _export_without_onnxscript():
+    saved = sys.modules.get("onnxscript")
+    sys.modules["onnxscript"] = None  # what an environment without the package looks like to import
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            srigl.export_onnx(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), Path(tmp) / "m.onnx")
+    finally:
+        if saved is None:
+            del sys.modules["onnxscript"]
+        else:
+            sys.modules["onnxscript"] = saved
+
+
 @dataclass(frozen=True)
 class Case:
     """One bad input: how to trigger it, what srigl does, and what the message must say."""
@@ -584,6 +609,12 @@ CASES = [
     Case("ONNX export of a layer with a negative index", "refused (onnxruntime would wrap it around)",
          _export_negative_index, IndexOutOfRangeError,
          r"0: indices must lie in \[0, 20\); found min -5 .*first offender indices\[1, 0\] = -5"),
+    Case("`srigl.export_onnx` without onnxscript installed", "refused before tracing; names the pip extra",
+         _export_without_onnxscript, MissingDependencyError,
+         r"srigl.export_onnx needs onnxscript: pip install 'srigl\[export\]' \(or pip install onnxscript\)"),
+    Case("decoder given 12 cached + 6 new tokens with context 16", "refused; says how many tokens to drop",
+         _decoder_past_its_context, ContextLengthError,
+         r"12 cached \+ 6 new tokens = 18 exceed the context length 16: drop the oldest 2 tokens"),
     Case("indices overwritten through `.data` after a validated call", "refused by the kernel's own range check, "
          "never read out of bounds", _indices_written_through_data, IndexOutOfRangeError,
          r"indices must lie in \[0, 64\); found min 32767 and max 32767"),

@@ -1,8 +1,9 @@
-"""Smoke test: benchmarks/real_models.py --quick runs on tiny models and writes its table."""
+"""Smoke tests: benchmarks/real_models.py --quick runs on tiny models and writes its tables and analysis."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,57 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_models.py"
 
 
-@pytest.mark.slow
-def test_real_models_quick_writes_a_row_per_model(tmp_path):
+def _module():
     spec = importlib.util.spec_from_file_location("real_models", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_real_models_quick_writes_a_table_per_model(tmp_path):
     out = tmp_path / "real.md"
-    module.main(["--quick", "--threads", "1", "--out", str(out)])
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "×" in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["vit-b16", "resnet50", "gpt2-small"]
+    _module().main(["--quick", "--threads", "1", "--batches", "1", "--dtypes", "fp32", "--out", str(out)])
+    text = out.read_text()
+    for name in ("vit-b16", "resnet50", "gpt2-small"):
+        assert f"## {name}" in text
+        rows = [line for line in text.split(f"## {name}")[1].split("##")[0].splitlines()
+                if line.startswith("| fp32 | 1 | 90% |")]
+        assert len(rows) == 2, rows  # one latency row and one memory row
+        assert "×" in rows[0]  # the condensed-vs-dense ratio was computed
+    assert "Profile, condensed vit-b16 at 90%" in text and "condensed linears" in text
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert {(r["model"], r["column"]) for r in records} == {
+        (m, c) for m in ("vit-b16", "resnet50", "gpt2-small") for c in ("dense-eager", "condensed-eager")}
+    assert all(r["ms"] > 0 and r["quick"] for r in records)
+
+
+@pytest.mark.slow
+def test_real_models_quick_compile_and_ort_columns_for_the_decoder(tmp_path):
+    out = tmp_path / "real.md"
+    _module().main(["--quick", "--threads", "1", "--models", "gpt2-small", "--batches", "1", "--dtypes", "fp32",
+                    "--columns", "condensed-compile", "condensed-ort", "dense-ort", "--no-profile", "--out", str(out)])
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert sorted(r["column"] for r in records) == ["condensed-compile", "condensed-ort", "dense-ort"]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| fp32 | 1 | 90% |"))
+    assert row.split("|")[-2].strip().endswith("×")  # best condensed vs dense ORT
+
+
+def test_interleaved_medians_and_merge_keep_other_runs(tmp_path):
+    module = _module()
+    calls = {"a": lambda: sum(range(100)), "b": lambda: sum(range(10_000))}
+    medians = module.interleaved_ms(calls, repeats=3, min_sample_s=0.001)
+    assert medians["b"] > medians["a"] > 0
+    path = tmp_path / "r.json"
+    old = {"model": "vit-b16", "sparsity": 0.9, "dtype": "fp32", "batch": 8, "column": "condensed-eager", "ms": 2.0,
+           "run": "old", "quick": True, "peak_bytes": None}
+    stats = {"sparse_layers": 1, "active_neurons": 2, "neurons": 4, "weights_dense": 8, "weights_condensed": 1}
+    path.write_text(json.dumps({"quick": True, "records": [old, {**old, "batch": 1}], "stats": {"vit-b16": {"0.9": stats}},
+                                "profiles": {}}))
+    merged, merged_stats, _ = module.merge(path, [{**old, "batch": 1, "ms": 1.0, "run": "new"}], {}, {})
+    assert sorted((r["batch"], r["ms"], r["run"]) for r in merged) == [(1, 1.0, "new"), (8, 2.0, "old")]
+    assert merged_stats == {"vit-b16": {0.9: stats}}  # kept for the tables of models this run did not measure
+    # The markdown comes back from the JSON alone, and a ratio across runs is marked †.
+    dense = {**old, "sparsity": None, "column": "dense-eager", "ms": 4.0, "run": "other"}
+    text = "\n".join(module.model_tables("vit-b16", merged + [dense], merged_stats["vit-b16"]))
+    assert "| fp32 | 8 | 90% | 4.00 |" in text and "2.00×†" in text

@@ -73,3 +73,7 @@ class MissingDependencyError(SriglError, ImportError):
 
 class LayerTooLargeError(SriglError, MemoryError):
     """A layer's storage would not fit the memory its device has free; the message gives both sizes."""
+
+
+class ContextLengthError(SriglError, ValueError):
+    """A decoder was given more cached plus new tokens than its context length holds."""

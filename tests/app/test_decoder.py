@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from srigl.app.decoder import Decoder, gpt2_small
+from srigl.errors import ContextLengthError
 
 TINY = {"vocab_size": 37, "context": 16, "dim": 32, "depth": 2, "heads": 4}
 
@@ -33,7 +34,7 @@ def test_generate_matches_greedy_full_forward_and_respects_the_context():
     with torch.no_grad():
         for t in range(3, 8):
             assert model(out[:, :t])[0][0, -1].argmax() == out[0, t]
-    with pytest.raises(ValueError, match="exceed the context 16"):
+    with pytest.raises(ContextLengthError, match="exceed the context length 16"):
         model.generate(torch.zeros(1, 10, dtype=torch.long), new_tokens=8)
 
 

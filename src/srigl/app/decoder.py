@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from srigl.errors import ContextLengthError, InvalidConfigError
+
 __all__ = ["Decoder", "gpt2_small"]
 
 KVCache = list[tuple[Tensor, Tensor]]  # per block: keys, values, each (B, heads, T_past, head_dim)
@@ -22,7 +24,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads != 0:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+            raise InvalidConfigError(f"dim {dim} is not a multiple of heads {heads} (dim % heads = {dim % heads})")
         self.heads = heads
         self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
@@ -77,11 +79,15 @@ class Decoder(nn.Module):
         """Logits ``(B, T, vocab)`` for ``tokens`` ``(B, T)`` following ``past``, and the grown cache.
 
         Raises:
-            ValueError: If the cached plus new tokens exceed the context length.
+            ContextLengthError: If the cached plus new tokens exceed the context length.
         """
         t_past = 0 if past is None else past[0][0].shape[2]
         if t_past + tokens.shape[1] > self.context:
-            raise ValueError(f"{t_past} cached + {tokens.shape[1]} new tokens exceed the context {self.context}")
+            raise ContextLengthError(
+                f"{t_past} cached + {tokens.shape[1]} new tokens = {t_past + tokens.shape[1]} exceed the context "
+                f"length {self.context}: drop the oldest {t_past + tokens.shape[1] - self.context} tokens or build the "
+                f"Decoder with context >= {t_past + tokens.shape[1]}"
+            )
         positions = torch.arange(t_past, t_past + tokens.shape[1], device=tokens.device)
         x = self.token_embed(tokens) + self.pos_embed(positions)  # (B, T, D)
         present: KVCache = []

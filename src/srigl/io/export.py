@@ -12,8 +12,10 @@ The exported ``Gather`` reads no range check of srigl's: onnxruntime wraps a neg
 (-5 reads input 59 of 64) where eager inference refuses it. So every condensed layer's storage is
 checked (:meth:`~srigl.condensed.layers.CondensedLinear.check_storage`) before anything is traced.
 
-onnx/onnxscript are imported by torch inside ``torch.onnx.export``; nothing is imported here at
-module import time beyond torch.
+onnx/onnxscript are imported by torch inside ``torch.onnx.export``; :func:`export_onnx` first asks
+:func:`srigl._optional.require` for both, so a missing one reads as MissingDependencyError naming
+``pip install 'srigl[export]'`` rather than torch's traceback. Nothing is imported here at module
+import time beyond torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from srigl._optional import require
 from srigl.errors import SriglError
 
 __all__ = ["export_onnx"]
@@ -54,7 +57,10 @@ def export_onnx(
     Raises:
         FanInOperandError, IndexOutOfRangeError: a condensed layer's indices or active rows are
             out of range, repeated or misshapen (the message names the layer); nothing is written.
+        MissingDependencyError: onnx or onnxscript is not installed.
     """
+    for package in ("onnx", "onnxscript"):  # torch imports both inside torch.onnx.export
+        require(package, "srigl.export_onnx")
     from srigl.condensed.layers import _CondensedLayer
 
     for name, module in model.named_modules():

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from srigl.app.datasets.formats import CIFAR_TRAIN_BATCHES, IDX_STEMS, cifar_batch, load_idx_splits
 from srigl.app.datasets.registry import DataFiles, DatasetInfo, register_dataset
+from srigl._optional import require
 
 # Where the Debian package dataset-fashion-mnist puts the four gzipped idx files.
 DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"
@@ -143,11 +144,7 @@ _DIGITS_SPLIT_SEED = 0
 @register_dataset(DIGITS)
 def _load_digits(paths: dict[str, Path]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     del paths  # bundled with scikit-learn
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("the digits data set needs scikit-learn: pip install 'srigl[app]'") from error
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "the digits data set").load_digits()
     # Pixel values are counts 0..16. (N, 64) -> (N, 1, 8, 8)
     images = torch.from_numpy(bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     # Bilinear upsampling to 28x28 so that every model built for MNIST takes digits as is.
