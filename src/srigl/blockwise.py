@@ -142,7 +142,7 @@ def update(
                 take = tied & (order <= ties_left)
                 ties_left -= int(take.sum())
                 by_gradient |= take
-            a0, a1 = _entries(active_rows, r0, r1)
+            a0, a1 = entries(active_rows, r0, r1)
             magnitude_block = _dense_rows(by_magnitude[a0:a1], indices[a0:a1], active_rows[a0:a1] - r0, r1 - r0,
                                           fan_in, False)
             counts[r0:r1] += (by_gradient & ~magnitude_block).sum(dim=1)
@@ -159,7 +159,7 @@ def update(
     keep = topk_mask(torch.where(candidates, drop, -torch.inf), n_keep, Unstructured())  # (n_act, k)
     if per_unit < k:
         keep &= topk_mask(torch.where(keep, drop, -torch.inf), per_unit, ConstantFanIn())
-    del drop, candidates  # the update's peak is in the grow loop below: hold only what it needs
+    drop = candidates = None  # the peak is in the grow loop below (salient_counts has run): hold only what it needs
 
     # Grow, block by block: of each surviving row, its kept weights (lifted to +inf) and the best grow
     # scores of the rest, k' in all. Rows are selected by torch.topk's positions directly: no dense
@@ -175,7 +175,7 @@ def update(
     restart()
     for r0, r1 in _blocks(n_rows, block_rows):
         grow = grow_block(r0, r1)  # (B, fan_in); drawn for every block, so SET's stream stays whole
-        a0, a1 = _entries(active_rows, r0, r1)  # condensed rows [a0, a1) lie in dense rows [r0, r1)
+        a0, a1 = entries(active_rows, r0, r1)  # condensed rows [a0, a1) lie in dense rows [r0, r1)
         rows = alive[r0:r1].nonzero().squeeze(1)  # block-local surviving rows, ascending
         if per_unit == 0 or rows.numel() == 0:
             continue
@@ -212,7 +212,7 @@ def update(
     return new_rows, new_indices, sources, n_grown
 
 
-def _entries(active_rows: torch.Tensor, r0: int, r1: int) -> tuple[int, int]:
+def entries(active_rows: torch.Tensor, r0: int, r1: int) -> tuple[int, int]:
     """Condensed rows ``[a0, a1)`` held by dense rows ``[r0, r1)`` (``active_rows`` is ascending)."""
     bounds = torch.tensor([r0, r1], device=active_rows.device)
     a0, a1 = torch.searchsorted(active_rows, bounds).tolist()

@@ -165,7 +165,7 @@ class CompactParam:
     def weight_rows(self, r0: int, r1: int) -> torch.Tensor:
         """The dense ``(r1 - r0, fan_in)`` weight of output rows ``[r0, r1)``."""
         m = self.module
-        a0, a1 = torch.searchsorted(m.active_rows, torch.tensor([r0, r1], device=m.active_rows.device)).tolist()
+        a0, a1 = blockwise.entries(m.active_rows, r0, r1)
         rows = m.values.new_zeros(a1 - a0, self.fan_in).scatter_(1, m.indices[a0:a1].long(), m.values.detach()[a0:a1])
         return m.values.new_zeros(r1 - r0, self.fan_in).index_copy_(0, m.active_rows[a0:a1] - r0, rows)
 
