@@ -117,6 +117,18 @@ class TrainingInterrupted(SriglError):
         self.signal_number = int(signal_number)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, sparsifier, scheduler):
+    """One training step after the forward, in the order every loop keeps: backward, optimizer,
+    sparsifier (after ``optimizer.step()``, before ``zero_grad``), schedule. Returns the sparsifier's
+    update statistics (None on ordinary steps or without a sparsifier)."""
+    loss.backward()
+    optimizer.step()
+    stats = sparsifier.step() if sparsifier is not None else None
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
 def progress(iterable, enabled: bool, **kwargs):
     """``iterable`` wrapped in a tqdm bar when ``enabled`` (tqdm is optional otherwise)."""
     if not enabled:

@@ -65,6 +65,7 @@ from srigl.app.run_common import (  # noqa: F401 -- lr_factor, CHECKPOINT_NAME a
     build_scheduler,
     build_sparsifier,
     interrupted,
+    optimizer_step,
     lr_factor,
     progress,
     resume_state,
@@ -313,11 +314,7 @@ def _run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) 
             images, labels = images.to(proc.device), labels.to(proc.device)
             logits = model(images)
             loss = criterion(logits, labels)
-            loss.backward()
-            optimizer.step()
-            stats = sparsifier.step() if sparsifier is not None else None
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = optimizer_step(loss, optimizer, sparsifier, scheduler)
             step += 1
             batch_index += 1
             loss_sum += loss.detach().double() * len(labels)

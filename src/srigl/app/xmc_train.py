@@ -41,6 +41,7 @@ from srigl.app.run_common import (
     build_scheduler,
     build_sparsifier,
     interrupted,
+    optimizer_step,
     progress,
     resume_state,
     save_training_state,
@@ -177,11 +178,7 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
                 break
             logits = model(batch.features.to(proc.device))  # (B, L)
             loss = xmc_loss(logits, batch.labels)
-            loss.backward()
-            optimizer.step()
-            stats = sparsifier.step() if sparsifier is not None else None
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = optimizer_step(loss, optimizer, sparsifier, scheduler)
             step += 1
             batch_index += 1
             n_points = batch.labels.n_rows
