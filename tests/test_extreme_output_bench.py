@@ -18,6 +18,7 @@ def test_extreme_output_quick_writes_every_configuration(tmp_path):
                    timeout=600)
     text = out.read_text()
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and " s |" in line]
-    assert rows[:3] == ["dense", "compact", "masked"] and rows[3:] == ["srigl", "set"]
+    assert rows[:3] == ["dense", "compact", "masked"]
+    assert rows[3:] == ["srigl", "set", "static", "srigl", "set"]  # three growths at the prior bias, two at 0
     assert "failed" not in text
     assert "peak RSS" in text and "P@1" in text

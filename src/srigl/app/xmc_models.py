@@ -14,8 +14,10 @@ ablated: a label whose neuron were ablated could never be predicted again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from srigl.errors import InvalidConfigError
@@ -80,3 +82,35 @@ def create_xmc_model(name: str, n_features: int, n_labels: int, hidden: int | No
     if name not in _XMC_MODELS:
         raise InvalidConfigError(f"unknown XMC model {name!r}; choose one of: {', '.join(list_xmc_models())}")
     return _XMC_MODELS[name][0](n_features, n_labels, hidden or DEFAULT_HIDDEN)
+
+
+def prior_logit(n_positive: int, n_points: int, n_labels: int) -> float:
+    """``log(p / (1 - p))`` of the mean label density ``p = n_positive / (n_points * n_labels)``.
+
+    Raises:
+        InvalidConfigError: ``p`` not strictly between 0 and 1 (no positive label, or every label
+            positive on every point): the logit would be infinite.
+    """
+    cells = n_points * n_labels
+    if not 0 < n_positive < cells:
+        raise InvalidConfigError(
+            f"{n_positive} positive labels over {n_points} points x {n_labels} labels: the label density must "
+            "lie strictly between 0 and 1 to start the head's bias at its logit"
+        )
+    p = n_positive / cells
+    return math.log(p) - math.log1p(-p)
+
+
+def init_prior_bias(head: nn.Module, n_positive: int, n_points: int, n_labels: int) -> None:
+    """Start every label's bias of ``head`` at :func:`prior_logit`, so the untrained head predicts the
+    mean label density instead of 0.5 for each of the ``L`` labels.
+
+    Why: from a bias of 0 every logit sits at sigmoid(0) = 0.5, so for thousands of steps the gradient
+    of nearly every (label, input) weight says only "push this label down", and its size is that input's
+    mean activation. RigL-style growth ranks inactive weights by that gradient, so it connects every
+    label to the same few strongly active inputs (measured in results/extreme_output.md), which loses to
+    random growth; once the bias starts at the prior, the gradient of a weight carries which inputs
+    predict the label. (The same initialisation is standard for rare-positive classifiers.)
+    """
+    with torch.no_grad():
+        head.bias.fill_(prior_logit(n_positive, n_points, n_labels))

@@ -109,7 +109,7 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
     """
     from srigl.app.datasets.xmc_batches import iterate_batches
     from srigl.app.datasets.xmc_sources import load_xmc
-    from srigl.app.xmc_models import create_xmc_model
+    from srigl.app.xmc_models import create_xmc_model, init_prior_bias
 
     if proc.world > 1:
         raise InvalidConfigError(
@@ -132,6 +132,8 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     sparsifier = build_sparsifier(cfg, model, optimizer, total_steps)
+    # After the sparsifier, which may have replaced the head (compact storage).
+    init_prior_bias(model.head, train_set.labels.indices.numel(), len(train_set), data.n_labels)
 
     start_epoch, start_batch, step = 0, 0, 0
     fresh = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "grown": 0.0, "seconds": 0.0}
