@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.srigl-installed
 DATA   := data
 
-.PHONY: install data test demo reproduce bench clean
+.PHONY: install data test test-matrix demo reproduce bench clean
 
 # The pinned CPU torch wheel first: pyproject's torch range alone could resolve to a 5 GB CUDA build.
 $(STAMP): pyproject.toml
@@ -23,6 +23,13 @@ data: $(STAMP)
 
 test: $(STAMP) data
 	SRIGL_DATA_DIR=$(DATA) $(PY) -m pytest -n 2 -q
+
+# The suite under Python 3.12 and 3.13 (pyenv builds, or pythonX.Y on PATH; a missing one is skipped with a
+# printed line). Not in `make test`: PyPI has only the CUDA torch for them, a ~1.4 GB download and a 5.4 GB
+# venv per Python, then a full suite; it writes results/support_matrix.md. Options: MATRIX_PYTHONS="3.12",
+# MATRIX_TESTS="tests/kernels", MATRIX_KEEP=1 (keep .venv-matrix/pyX.Y).
+test-matrix: data
+	SRIGL_DATA_DIR=$(DATA) bash .ci/test_matrix.sh
 
 demo: $(STAMP) data
 	$(PY) -m srigl train --data fashion-mnist --data-dir $(DATA) --model mlp --method srigl \
@@ -43,4 +50,4 @@ bench: $(STAMP) data
 	done; exit $$status
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-matrix runs build src/*.egg-info .pytest_cache

@@ -2,10 +2,15 @@
 
 Imports srigl, trains a tiny model a few steps with srigl.SRigL, condenses it and checks the condensed
 model computes what the masked one does (through the C++ kernel, or the fallback with its warning).
+
+Usage: ``python wheel_smoke.py TORCH_VERSION``, the ``torch.__version__`` the caller installed on purpose
+(``2.13.0+cpu`` from tests/test_wheel.py; ``2.13.0+cu130`` from .ci/test_matrix.sh, where PyPI has no CPU
+build for that Python). A CPU build must come without the nvidia-* packages: pip did not choose CUDA.
 """
 
 import importlib.metadata
 import importlib.util
+import sys
 import warnings
 
 import torch
@@ -13,9 +18,12 @@ from torch import nn
 
 import srigl
 
-assert torch.version.cuda is None, f"a CUDA torch build was installed: {torch.__version__}"
-cuda_packages = [d.metadata["Name"] for d in importlib.metadata.distributions() if d.metadata["Name"].startswith("nvidia")]
-assert not cuda_packages, f"CUDA packages were pulled: {cuda_packages}"
+expected_torch = sys.argv[1]
+assert torch.__version__ == expected_torch, f"torch {torch.__version__} was installed, not {expected_torch}"
+if torch.version.cuda is None:
+    cuda_packages = [d.metadata["Name"] for d in importlib.metadata.distributions()
+                     if d.metadata["Name"].startswith("nvidia")]
+    assert not cuda_packages, f"CUDA packages were pulled beside the CPU torch: {cuda_packages}"
 for optional in ("tqdm", "matplotlib", "onnx", "transformers"):  # core install only
     assert importlib.util.find_spec(optional) is None, f"{optional} is installed but is not a core dependency"
 
