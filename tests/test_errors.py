@@ -421,6 +421,17 @@ def _decoder_past_its_context():
         model(torch.zeros(1, 6, dtype=torch.long), past)
 
 
+def _decoder_past_its_cache_capacity():
+    from srigl.app.decoder import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(vocab_size=64, context=16, dim=32, depth=1, heads=4).eval()
+    cache = model.new_cache(1, capacity=8)
+    with torch.no_grad():
+        model(torch.zeros(1, 6, dtype=torch.long), cache)
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
 def _export_without_onnxscript():
     saved = sys.modules.get("onnxscript")
     sys.modules["onnxscript"] = None  # what an environment without the package looks like to import
@@ -615,6 +626,10 @@ CASES = [
     Case("decoder given 12 cached + 6 new tokens with context 16", "refused; says how many tokens to drop",
          _decoder_past_its_context, ContextLengthError,
          r"12 cached \+ 6 new tokens = 18 exceed the context length 16: drop the oldest 2 tokens"),
+    Case("decoder step past its preallocated `KVCache` (6 cached + 3 new, capacity 8)", "refused before writing; "
+         "says the capacity to build", _decoder_past_its_cache_capacity, ContextLengthError,
+         r"6 cached \+ 3 new tokens = 9 exceed the KVCache's capacity 8: build it with "
+         r"Decoder.new_cache\(batch, capacity=9\)"),
     Case("indices overwritten through `.data` after a validated call", "refused by the kernel's own range check, "
          "never read out of bounds", _indices_written_through_data, IndexOutOfRangeError,
          r"indices must lie in \[0, 64\); found min 32767 and max 32767"),

@@ -23,23 +23,29 @@ def test_real_models_quick_writes_a_table_per_model(tmp_path):
     out = tmp_path / "real.md"
     _module().main(["--quick", "--threads", "1", "--batches", "1", "--dtypes", "fp32", "--out", str(out)])
     text = out.read_text()
-    for name in ("vit-b16", "resnet50", "gpt2-small"):
-        assert f"## {name}" in text
-        rows = [line for line in text.split(f"## {name}")[1].split("##")[0].splitlines()
+    for name in ("vit-b16", "resnet50", "gpt2-small", "gpt2-small-sparse-head"):
+        assert f"## {name}\n" in text
+        rows = [line for line in text.split(f"## {name}\n")[1].split("##")[0].splitlines()
                 if line.startswith("| fp32 | 1 | 90% |")]
         assert len(rows) == 2, rows  # one latency row and one memory row
         assert "×" in rows[0]  # the condensed-vs-dense ratio was computed
     assert "Profile, condensed vit-b16 at 90%" in text and "condensed linears" in text
+    # The two decoders are told apart: only the untied one has a sparse head, and each says what its head is.
+    assert "lm_head: tied to the token embedding" in text.split("## gpt2-small\n")[1].split("##")[0]
+    sparse_head = text.split("## gpt2-small-sparse-head\n")[1].split("##")[0]
+    assert "lm_head: untied and sparsified" in sparse_head and "sparse lm_head at fan-in" in sparse_head
     records = json.loads(out.with_suffix(".json").read_text())["records"]
     assert {(r["model"], r["column"]) for r in records} == {
-        (m, c) for m in ("vit-b16", "resnet50", "gpt2-small") for c in ("dense-eager", "condensed-eager")}
+        (m, c) for m in ("vit-b16", "resnet50", "gpt2-small", "gpt2-small-sparse-head")
+        for c in ("dense-eager", "condensed-eager")}
     assert all(r["ms"] > 0 and r["quick"] for r in records)
 
 
 @pytest.mark.slow
 def test_real_models_quick_compile_and_ort_columns_for_the_decoder(tmp_path):
     out = tmp_path / "real.md"
-    _module().main(["--quick", "--threads", "1", "--models", "gpt2-small", "--batches", "1", "--dtypes", "fp32",
+    _module().main(["--quick", "--threads", "1", "--models", "gpt2-small-sparse-head", "--batches", "1",
+                    "--dtypes", "fp32",
                     "--columns", "condensed-compile", "condensed-ort", "dense-ort", "--no-profile", "--out", str(out)])
     records = json.loads(out.with_suffix(".json").read_text())["records"]
     assert sorted(r["column"] for r in records) == ["condensed-compile", "condensed-ort", "dense-ort"]
