@@ -325,7 +325,7 @@ CATEGORIES = [  # (category, substrings of aten / operator names), first match w
     ("attention core", ("scaled_dot_product", "flash_attention", "softmax", "bmm", "baddbmm")),
     ("LayerNorm", ("layer_norm",)),
     ("dense linears/convs", ("addmm", "aten::mm", "aten::linear", "matmul", "conv", "mkldnn")),
-    ("norm/activation", ("batch_norm", "gelu", "relu", "tanh")),
+    ("norm/activation", ("batch_norm", "gelu", "relu", "clamp_min", "tanh")),  # relu runs as clamp_min
 ]
 CONDENSED_CATEGORIES = ("condensed convs", "condensed linears")
 
