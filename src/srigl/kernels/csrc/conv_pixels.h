@@ -287,15 +287,16 @@ void conv_pixels_run(const ConvShape& s, const T* x, const T* values, const I* i
   // Vectors of pixels per block: the block's input (every channel, plus the rows a kernel taller
   // than 1 reaches) should stay in L1 while all output channels run over it, so the more channels,
   // the narrower the block, and the more output channels share the registers instead (up to 16
-  // accumulators with AVX-512, 8 with the 16 registers of AVX2). On ResNet-50's layers the
-  // measured differences between these shapes were within the noise of a shared machine; the
-  // choice only avoids the clearly worse ones (one vector per channel, or 8-wide blocks of many
-  // channels).
+  // accumulators with AVX-512, 8 with the 16 registers of AVX2); a plane of at most 4 vectors
+  // (ResNet's last stage) takes 4 channels at a time, for enough independent chains. On
+  // ResNet-50's layers the measured differences between these shapes were within the noise of a
+  // shared machine; the choice only avoids the clearly worse ones (one vector per channel, or
+  // 8-wide blocks of many channels).
   const int64_t column_bytes = s.channels * p.phases * static_cast<int64_t>(sizeof(T));  // one pixel, all channels
   const int64_t reach = (s.kh - 1) * s.dh / s.sh * p.plane_w;  // extra pixels a tap's row shift reads
   auto fits = [&](int64_t ub) { return column_bytes * (ub * job.L + reach) <= kPixelL1Bytes; };
   constexpr int kAcc = kVecBytes == 64 ? 16 : 8;
-  if (fits(8) || job.vectors <= 4) {
+  if (fits(8) && job.vectors > 4) {
     job.template run<1, 8>();
   } else if (fits(4)) {
     job.template run<kAcc / 8, 4>();
