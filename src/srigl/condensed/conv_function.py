@@ -1,7 +1,8 @@
 """The condensed convolution used in training: direct sparse kernels, or a dense-scatter fallback.
 
-``CondensedConv2d`` at inference unfolds ``x`` and runs the fan-in matmul, so autograd would keep
-the ``(N, C*kh*kw, L)`` unfolded input, ``kh*kw`` times the input's size. In training this function
+``CondensedConv2d``'s im2col route unfolds ``x`` and runs the fan-in matmul, so autograd would keep
+the ``(N, C*kh*kw, L)`` unfolded input, ``kh*kw`` times the input's size. (Its CPU inference route,
+:func:`srigl.kernels.cpu.conv_pixels`, has no backward and is not used here.) In training this function
 saves only ``x`` (already padded by the caller) plus the small index tensors, and runs one of
 three routes (chosen per call by :func:`conv_route`). Zero padding is passed in as amounts: the
 C++ kernel applies it on the fly (no padded copy of ``x`` is made or saved); the other routes pad

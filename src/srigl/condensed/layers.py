@@ -22,7 +22,8 @@ from srigl.condensed.conv_function import condensed_conv2d
 from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
 from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.checks import FanInOperandError, check_indices
-from srigl.kernels.dispatch import place_active_rows
+from srigl.kernels import cpu
+from srigl.kernels.dispatch import _cached_backend, _is_dynamo_compiling, _traced_backend, place_active_rows
 from srigl.kernels.inference import WindowCache, condensed_linear_inference
 
 __all__ = ["CONDENSERS", "CondensedConv2d", "CondensedLinear", "gather_matmul", "register_condenser"]
@@ -343,16 +344,24 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate
 
 @register_condenser(nn.Conv2d)
 class CondensedConv2d(_CondensedLayer):
-    """A constant fan-in ``nn.Conv2d``: im2col (``F.unfold``) followed by the fan-in matmul.
+    """A constant fan-in ``nn.Conv2d``, computed without a dense weight.
 
     Each filter reads ``k`` of its group's ``in_channels / groups * kh * kw`` inputs; ``indices`` are
-    positions in that per-group fan-in, in the weight's own ``(c, kh, kw)`` order. Because
-    ``F.unfold`` lays out its columns in the same order, group ``g``'s fan-in is the column block
-    ``g * fan_in_flat ...``, so every group (grouped and depthwise convolutions included) runs in one
-    fan-in matmul over the unfolded input with offset indices. Padding of every mode is applied with
-    ``F.pad`` first, which also covers ``padding='same'``. Training (grad enabled) takes
-    :func:`srigl.condensed.conv_function.condensed_conv2d` instead, which saves no unfolded input and
-    runs the direct sparse kernels (zero padding applied inside the C++ kernel).
+    positions in that per-group fan-in, in the weight's own ``(c, kh, kw)`` order. Three routes:
+
+    * Inference on the CPU (autograd off, float32/float64, C++ kernel built):
+      :func:`srigl.kernels.cpu.conv_pixels`, a direct convolution with output pixels as the vector
+      lanes that reads ``x`` and writes ``y`` in NCHW and the weights in their stored layout (no
+      per-call conversion, no im2col tensor), zero padding and bias applied inside the kernel.
+    * Training (grad enabled): :func:`srigl.condensed.conv_function.condensed_conv2d`, which saves
+      no unfolded input and runs the direct sparse kernels (zero padding applied inside the kernel).
+    * Otherwise (other devices and dtypes, autocast, export): im2col (``F.unfold``) and the fan-in
+      matmul. ``F.unfold`` lays out its columns in the weight's order, so group ``g``'s fan-in is
+      the column block ``g * fan_in_flat ...`` and every group (grouped and depthwise convolutions
+      included) runs in one fan-in matmul with offset indices.
+
+    Padding modes other than zeros are applied with ``F.pad`` first; ``padding='same'`` is turned
+    into explicit amounts.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -454,8 +463,13 @@ class CondensedConv2d(_CondensedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        training = (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-                    and not torch.compiler.is_exporting())
+        exporting = torch.compiler.is_exporting()
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not torch.is_grad_enabled() and not autocast and not exporting:
+            y = self._inference(x)
+            if y is not None:
+                return y
+        training = torch.is_grad_enabled() and not autocast and not exporting
         if training and self.padding_mode == "zeros":
             # Training: the unfold route would save the kh*kw-times-larger im2col matrix for backward;
             # this function saves only the input and pads it itself (see conv_function).
@@ -476,6 +490,30 @@ class CondensedConv2d(_CondensedLayer):
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (N, C*kh*kw, L)
         y = self._matmul(cols.transpose(1, 2), self._unfolded_indices())  # (N, L, out)
         return y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)  # (N, out, H_out, W_out)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The convolution straight from the C++ pixel-lane kernel (:func:`srigl.kernels.cpu.conv_pixels`),
+        or None to take the im2col route (another device or dtype, or the C++ kernel unavailable).
+
+        The kernel reads the weights in their stored layout and ``x`` in NCHW, pads with zeros on the
+        fly, adds the bias and writes NCHW, so there is no per-call conversion of the weights and no
+        im2col tensor; other padding modes are applied with ``F.pad`` first.
+        """
+        params, buffers = self._parameters, self._buffers
+        values = params["values"]
+        if not (x.is_cpu and x.dtype is values.dtype and x.dtype in (torch.float32, torch.float64) and values.is_cpu):
+            return None
+        # Traced code reads the backend through _traced_backend, which prepares it outside the graph
+        # and lets dynamo guard on the choice.
+        backend = _traced_backend(None, x) if _is_dynamo_compiling() else _cached_backend("cpu", x.dtype)
+        if backend != "cpp":
+            return None
+        padding = self._pad
+        if self.padding_mode != "zeros" and any(padding):
+            x, padding = F.pad(x, padding, mode=_PAD_MODES[self.padding_mode]), (0, 0, 0, 0)
+        return cpu.conv_pixels(x.contiguous(), values, buffers["indices"], buffers["active_rows"], params["bias"],
+                               self.out_channels, self.kernel_size, self.stride, self.dilation, self.groups,
+                               padding=padding)  # (N, out, H_out, W_out)
 
     def extra_repr(self) -> str:
         return (

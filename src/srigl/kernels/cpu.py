@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "bf16_route", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "conv_pixels", "bf16_route", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -216,11 +216,16 @@ def _conv_backward_fake(grad_y, x, values, indices, rows, out_channels, kernel, 
     return (x.new_empty(x.shape) if need_grad_x else None, values.new_empty(values.shape) if need_grad_values else None)
 
 
+def _conv_pixels_fake(x, values, indices, rows, bias, out_channels, kernel, stride, padding, dilation, groups):
+    torch._check(x.dim() == 4, lambda: f"srigl_fanin: conv x must be 4-D (N, C, H, W), got {x.dim()} dims")
+    return x.new_empty(x.shape[0], out_channels, *_conv_out_size(x, kernel, stride, padding, dilation))
+
+
 def _register_fakes() -> None:
     """Shape-only implementations of the operators, for tracing (see the module docstring)."""
     for name, fake in (("forward", _forward_fake), ("forward_rows", _forward_rows_fake),
                        ("backward", _backward_fake), ("conv_forward", _conv_forward_fake),
-                       ("conv_backward", _conv_backward_fake)):
+                       ("conv_backward", _conv_backward_fake), ("conv_pixels", _conv_pixels_fake)):
         torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", fake)
 
 
@@ -493,3 +498,40 @@ def conv_backward(
         list(padding), list(dilation), groups, need_grad_x, need_grad_values, max_tile,
     )
     return (grad_x if need_grad_x else None, grad_values if need_grad_values else None)
+
+
+def conv_pixels(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> torch.Tensor:
+    """The condensed conv2d of :func:`conv_forward` plus ``bias``, for inference (no backward): output
+    pixels are the vector lanes (``csrc/conv_pixels.h``), so it wastes no lanes at batch 1 and
+    reads and writes NCHW in place, where :func:`conv_forward` transposes tiles of the batch.
+
+    Args:
+        x: (N, C, H, W), contiguous float32/64.
+        values, indices: (n_active, k), contiguous; indices int16/int32/int64 (int64 narrowed per call).
+        rows: (n_active,) int64, the output channel of each row of ``values``.
+        bias: (out_channels,) or None; channels no row names output their bias (or 0).
+        out_channels, kernel_size, stride, dilation, groups: the convolution's.
+        padding: zero padding ``(left, right, top, bottom)``, as ``F.pad`` takes it.
+
+    Returns:
+        (N, out_channels, Ho, Wo).
+    """
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    return ops.conv_pixels(x, values, _narrow(indices, fan_in), rows, bias, out_channels, list(kernel_size),
+                           list(stride), list(padding), list(dilation), groups)

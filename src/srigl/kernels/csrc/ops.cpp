@@ -5,7 +5,8 @@
 // plus pack_windows and forward_windows for the window layout (window.h). One translation unit:
 // this file holds the entry points and the registration and includes one header per route
 // (vec.h: SIMD helpers; gather.h; tiled.h; checks.h: argument checks; window.h), and the condensed
-// conv2d operators srigl_fanin::conv_forward and conv_backward (conv.h).
+// conv2d operators srigl_fanin::conv_forward and conv_backward (conv.h) and the inference-only
+// conv_pixels (conv_pixels.h: output pixels as vector lanes, for small batches and no autograd).
 //
 // Two layouts for the operands as stored (values, indices), chosen by batch size:
 //
@@ -40,6 +41,7 @@
 #include "checks.h"
 #include "gather.h"
 #include "conv.h"
+#include "conv_pixels.h"
 #include "tiled.h"
 #include "vec.h"
 #include "window.h"
@@ -294,6 +296,31 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const
   return {grad_x, grad_values};
 }
 
+// Inference: output pixels as the vector lanes (conv_pixels.h), bias fused; the weights' own layout.
+at::Tensor conv_pixels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& rows,
+                       const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = conv_shape(x, values, indices, rows, out_channels, kernel, stride, padding, dilation, groups);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(),
+                "srigl_fanin: bias must be a contiguous (", out_channels, ",) CPU tensor of x's dtype");
+  }
+  at::Tensor y = at::empty({s.batch, out_channels, s.ho, s.wo}, x.options());
+  if (s.batch == 0 || s.ho * s.wo == 0) return y;
+  dispatch(x.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    if constexpr (!std::is_same_v<T, bf16>) {  // bf16 is refused in conv_shape
+      check_index_range<I>(indices.data_ptr<I>(), indices.numel(), s.channels_per_group() * s.kh * s.kw);
+      conv_pixels_dispatch<T, I>(s, x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(), rows.data_ptr<int64_t>(),
+                                 has_bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>());
+    }
+  });
+  return y;
+}
+
 // The route of bf16 products: mode 1 forces the portable one, 0 lets the CPU decide, anything else
 // only asks. Returns "avx512_bf16" or "portable", the route in effect afterwards.
 std::string bf16_route(int64_t mode) {
@@ -325,6 +352,9 @@ TORCH_LIBRARY(srigl_fanin, m) {
       "bool need_grad_values, "
       "int max_tile) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "conv_pixels(Tensor x, Tensor values, Tensor indices, Tensor rows, Tensor? bias, int out_channels, "
+      "int[] kernel, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
   // No tensor arguments, so no dispatch key: a catch-all kernel, registered with the schema.
   m.def("bf16_route(int mode) -> str", &srigl_fanin::bf16_route);
 }
@@ -337,4 +367,5 @@ TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
   m.impl("forward_windows", &srigl_fanin::forward_windows);
   m.impl("conv_forward", &srigl_fanin::conv_forward);
   m.impl("conv_backward", &srigl_fanin::conv_backward);
+  m.impl("conv_pixels", &srigl_fanin::conv_pixels);
 }
