@@ -42,8 +42,9 @@ def _train(tmp_path: Path, *flags: str, name: str = "run") -> Path:
 @pytest.mark.parametrize(
     "flags",
     [["--method", "dense"], ["--method", "static"], ["--method", "set"], ["--method", "rigl"],
-     ["--method", "srigl"], ["--method", "srigl", "--compact"], ["--method", "srigl", "--model", "linear"]],
-    ids=["dense", "static", "set", "rigl", "srigl", "srigl-compact", "srigl-linear"],
+     ["--method", "srigl"], ["--method", "srigl", "--compact"], ["--method", "srigl", "--model", "linear"],
+     ["--method", "srigl", "--model", "linear", "--compact"]],
+    ids=["dense", "static", "set", "rigl", "srigl", "srigl-compact", "srigl-linear", "srigl-linear-compact"],
 )
 def test_xmc_synthetic_trains_under_every_method_and_writes_the_run_folder(tmp_path, capsys, flags):
     out = _train(tmp_path, "--epochs", "2", *flags)

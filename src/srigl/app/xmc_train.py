@@ -7,7 +7,10 @@ and ``srigl report`` reads it. What differs:
 
 * data: :func:`srigl.app.datasets.xmc_sources.load_xmc`; a batch's features are densified to
   ``(B, F)`` (``4 * B * F`` bytes), its labels stay CSR;
-* model: :mod:`srigl.app.xmc_models` (the ``L``-way head is sparsified, never ablated);
+* model: :mod:`srigl.app.xmc_models` (the ``L``-way head is sparsified, never ablated); with
+  ``--compact`` the head is created on the ``meta`` device and only its ``(L, k)`` values and
+  indices are ever allocated (:func:`build_xmc_model`); otherwise a dense head that would not fit
+  is refused before it is allocated (:func:`check_dense_head_fits`);
 * loss: binary cross-entropy on the logits (:func:`~srigl.app.datasets.xmc_batches.bce_with_logits_csr`),
   summed over the ``L`` labels and averaged over the points (averaged over ``L`` too, the gradient
   of each logit would shrink with the label count);
