@@ -52,7 +52,7 @@ from srigl.app.run_common import (
     write_summary,
 )
 from srigl.app.run_dir import StopSignals
-from srigl.app.xmc_models import DEFAULT_HIDDEN, has_hidden
+from srigl.app.xmc_models import DEFAULT_HIDDEN, create_xmc_model, has_hidden
 from srigl.errors import InvalidConfigError, LayerTooLargeError
 
 XMC_COLUMNS = (*METRIC_COLUMNS, *XMC_RANK_METRICS)
@@ -102,8 +102,6 @@ def build_xmc_model(cfg: TrainConfig, model_args: dict[str, Any], device: torch.
     Raises:
         LayerTooLargeError: a dense head that would not fit the memory free on ``device``.
     """
-    from srigl.app.xmc_models import create_xmc_model
-
     if cfg.compact:
         model = create_xmc_model(cfg.model, **model_args, head_device="meta")
         for child in model.children():  # the layers other than the head (meta tensors cannot be moved)
@@ -121,8 +119,9 @@ def finish_meta_head(model: nn.Module, optimizer: torch.optim.Optimizer, device:
 
     The sparsifier materialises a meta head beside the model's other parameters, on the CPU when
     there are none (``--model linear``): it is moved now (its values keep their identity, so the
-    optimizer still holds them). A head the layer-wise distribution leaves dense (sparsity 0) is
-    not materialised by the sparsifier; it is drawn here as ``nn.Linear`` draws its weights.
+    optimizer still holds them). A head the layer-wise distribution leaves dense (ERK gives a head
+    much smaller than the feature layer a density above 1) is not materialised by the sparsifier; it
+    is drawn here as ``nn.Linear`` draws its weights.
     """
     from srigl.storage.compact import swap_in_optimizer
 
