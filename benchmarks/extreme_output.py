@@ -307,7 +307,9 @@ def _render_speed(part: dict, quick: bool) -> list[str]:
             checks.append((dense["step_s"] / c["step_s"] >= 5,
                            f"ordinary step {dense['step_s'] / c['step_s']:.1f}x faster than dense (target >= 5)"))
         lines += [f"- {'met' if ok else 'MISSED'}: {text}" for ok, text in checks]
-    return lines + ["", *_memory_lines(part["labels"], fan_in), ""]
+    return lines + ["", *_memory_lines(part["labels"], fan_in), "",
+                    "`srigl train` itself at this size (meta-built head, the whole app's peak RSS): "
+                    "results/xmc_app.md.", ""]
 
 
 def _mean(values: list[float]) -> str:

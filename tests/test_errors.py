@@ -473,10 +473,26 @@ def _head_too_large():
         compact_storage.available_bytes = real
 
 
+def _dense_xmc_head_too_large():
+    from srigl.app.xmc_train import check_dense_head_fits
+    from srigl.storage import compact as compact_storage
+
+    real = compact_storage.available_bytes
+    compact_storage.available_bytes = lambda device: 2 * 2**30  # as if 2 GiB were free
+    try:
+        check_dense_head_fits((670_091, 768), sparse=True, optimizer="sgd", device=torch.device("cpu"))
+    finally:
+        compact_storage.available_bytes = real
+
+
 CASES = [
     Case("meta-device head `Linear(768, 200_000_000)` at fan-in 32 with 16 GiB free", "refused before anything is "
          "allocated; names the memory it needs", _head_too_large, LayerTooLargeError,
          r"1.weight \(200000000, 768\) at fan-in 32 needs 64.00 GB on cpu .* 17.18 GB are free"),
+    Case("`srigl train --data xmc:Amazon-670K` without `--compact` (a dense `(670091, 768)` head) with 2 GiB free",
+         "refused before the head is allocated; names the memory it needs and `--compact`", _dense_xmc_head_too_large,
+         LayerTooLargeError, r"head.weight \(670091, 768\) needs 4.63 GB \(4,631,668,992 bytes\) on cpu .* 2.15 GB "
+         r"are free: train it compact"),
     Case("meta-device layer without `compact=True`", "refused: it has no values to mask", lambda: _meta_head(1000, False),
          InvalidConfigError, r"1.weight \(1000, 768\) lives on the meta device \(no values\): it can only start compact"),
     Case("HF `Conv1D` (weight stored `(in, out)`) named in `compact_types`",

@@ -42,8 +42,9 @@ def _train(tmp_path: Path, *flags: str, name: str = "run") -> Path:
 @pytest.mark.parametrize(
     "flags",
     [["--method", "dense"], ["--method", "static"], ["--method", "set"], ["--method", "rigl"],
-     ["--method", "srigl"], ["--method", "srigl", "--compact"], ["--method", "srigl", "--model", "linear"]],
-    ids=["dense", "static", "set", "rigl", "srigl", "srigl-compact", "srigl-linear"],
+     ["--method", "srigl"], ["--method", "srigl", "--compact"], ["--method", "srigl", "--model", "linear"],
+     ["--method", "srigl", "--model", "linear", "--compact"]],
+    ids=["dense", "static", "set", "rigl", "srigl", "srigl-compact", "srigl-linear", "srigl-linear-compact"],
 )
 def test_xmc_synthetic_trains_under_every_method_and_writes_the_run_folder(tmp_path, capsys, flags):
     out = _train(tmp_path, "--epochs", "2", *flags)
@@ -243,3 +244,88 @@ def test_fewer_labels_than_the_largest_rank(tmp_path):
                  "--xmc-hidden", "8", "--sparsity", "0.5", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
     row = _rows(out)[0]
     assert 0.0 < float(row["P@5"]) <= 3 / 5 and float(row["nDCG@5"]) == float(row["nDCG@3"])
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (by entries) any aten op returns off the meta device while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+# 2000 labels, hidden 64: the dense head (128,000 entries) outweighs every other tensor of a compact run:
+# the logits (20 x 2000), the features layer (50 x 64), the layout (2000 x k), one block of update scores.
+WIDE = ["--data", "xmc-synthetic", "--xmc-points", "100", "--xmc-features", "50", "--xmc-labels", "2000",
+        "--xmc-hidden", "64", "--batch-size", "20", "--delta", "2", "--no-progress", "--method", "srigl", "--compact"]
+
+
+def test_a_compact_run_never_allocates_the_dense_head_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    from srigl import blockwise
+    from srigl.condensed import CondensedLinear
+
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 16 * 64)  # a block of the update: 16 rows of the head
+    # Evaluation's packed copy of values + indices (a uint8 buffer, not a dense head) is not measured here.
+    monkeypatch.setattr(CondensedLinear, "window_inference", False)
+    flags = [*WIDE, "--epochs", "2", "--seed", "3"]
+    straight = tmp_path / "straight"
+    with _LargestTensor() as watch:
+        assert main(["train", *flags, "--out", str(straight)]) == 0
+    dense_head = 2000 * 64
+    assert 0 < watch.largest < dense_head // 2, watch.largest
+    saved = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "head.weight" not in saved and saved["head.values"].shape[0] == 2000  # (L, k): every label kept
+    assert float(_rows(straight)[0]["mask_churn"]) > 0  # a mask update happened in epoch 1
+
+    out = tmp_path / "cut"
+    _interrupt_training_stream(monkeypatch, epoch_to_cut=2, batches_done=2)
+    assert main(["train", *flags, "--out", str(out)]) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 16 * 64)
+    monkeypatch.setattr(CondensedLinear, "window_inference", False)
+    with _LargestTensor() as watch:  # resuming loads the checkpoint into a head built on meta
+        assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert 0 < watch.largest < dense_head // 2, watch.largest
+    assert "resuming" in capsys.readouterr().out
+
+    resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert saved.keys() == resumed["model"].keys()
+    for key in saved:
+        assert torch.equal(saved[key], resumed["model"][key]), key
+    for key in ("epoch", "step", "train_loss", "test_loss", *XMC_RANK_METRICS, "mask_churn"):
+        assert [r[key] for r in _rows(straight)] == [r[key] for r in _rows(out)], key
+
+
+def test_a_compact_head_the_distribution_leaves_dense_is_drawn_after_the_sparsifier(tmp_path):
+    # A 2000 -> 32 feature layer and a 32 -> 5 head at sparsity 0.5: ERK's density for the head
+    # exceeds 1, so the sparsifier keeps it dense and does not materialise the meta head.
+    out = tmp_path / "run"
+    assert main(["train", "--data", "xmc-synthetic", "--xmc-points", "100", "--xmc-features", "2000", "--xmc-labels", "5",
+                 "--xmc-hidden", "32", "--batch-size", "50", "--method", "srigl", "--compact", "--sparsity", "0.5",
+                 "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    layers = json.loads((out / "summary.json").read_text())["layers"]
+    assert not layers["head.weight"]["sparse"] and layers["features.weight"]["sparse"]
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert saved["head.weight"].shape == (5, 32) and 0 < float(saved["head.weight"].abs().max()) <= 1
+
+
+def test_a_dense_head_that_cannot_fit_is_refused_with_the_memory_it_needs(tmp_path, monkeypatch, capsys):
+    from srigl.storage import compact as compact_storage
+
+    monkeypatch.setattr(compact_storage, "available_bytes", lambda device: 10_000)  # bytes free
+    out = tmp_path / "run"
+    # Masked storage: 60 x 32 entries of weight (4 B), gradient (4 B) and mask (1 B) = 17,280 bytes.
+    assert main(["train", *TINY, "--xmc-hidden", "32", "--method", "srigl", "--epochs", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "head.weight (60, 32) needs 0.00 GB (17,280 bytes) on cpu as a dense layer for its weight, gradient and mask" in err
+    assert "--compact" in err and not (out / "checkpoints").exists()
+    # The compact run never builds it: 10,000 bytes hold its (60, k) values, indices and gradient.
+    assert main(["train", *TINY, "--xmc-hidden", "32", "--method", "srigl", "--compact", "--epochs", "1",
+                 "--out", str(tmp_path / "compact")]) == 0

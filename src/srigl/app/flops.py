@@ -20,6 +20,7 @@ count ``2 * T_q * T_k * D`` MACs, dense and sparse alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,22 +80,23 @@ def _mask_of(module: nn.Module, param_name: str) -> torch.Tensor | None:
 
 def _is_condensed(module: nn.Module) -> bool:
     # srigl.condensed layers (and the compact training twins) store (n_active, k) ``values`` and
-    # can rebuild their dense mask; recognised by that interface so this module imports none of them.
-    return isinstance(getattr(module, "values", None), torch.Tensor) and callable(getattr(module, "dense_mask", None))
+    # report their dense shape and per-neuron fan-in; recognised by that interface so this module
+    # imports none of them. Their dense mask is never formed here: at 670k labels it is 0.5 GB.
+    return isinstance(getattr(module, "values", None), torch.Tensor) and callable(getattr(module, "fan_in_counts", None))
 
 
 def _condensed_cost(name: str, module: nn.Module, positions: int) -> LayerCost:
-    mask = module.dense_mask()  # (out, fan_in_flat)
+    n_out, fan_in_flat = module.dense_shape
     return LayerCost(
         name=name,
         kind=type(module).__name__,
-        shape=tuple(mask.shape),
-        params_dense=mask.numel(),
+        shape=(n_out, fan_in_flat),
+        params_dense=n_out * fan_in_flat,
         params=module.values.numel(),
-        macs_dense=mask.numel() * positions,
+        macs_dense=n_out * fan_in_flat * positions,
         macs=module.values.numel() * positions,
-        neurons=mask.shape[0],
-        active_neurons=int(mask.any(dim=1).sum()),
+        neurons=n_out,
+        active_neurons=int((module.fan_in_counts() > 0).sum()),
     )
 
 
@@ -252,7 +254,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if _is_condensed(module):
             # Stored weights are the active ones; the dense layer would hold the whole mask's size.
-            dense += module.dense_mask().numel() - module.values.numel()
+            dense += math.prod(module.dense_shape) - module.values.numel()
         for param_name, param in module.named_parameters(recurse=False):
             mask = _mask_of(module, param_name)
             dense += param.numel()
@@ -276,10 +278,9 @@ def fan_in_counts(module: nn.Module, param_name: str) -> list[int]:
     Without a mask, the non-zero count per row of the weight.
     """
     if _is_condensed(module):
-        active = module.dense_mask()  # (out, fan_in_flat)
-    else:
-        mask = _mask_of(module, param_name)
-        active = mask if mask is not None else getattr(module, param_name).detach() != 0
+        return module.fan_in_counts().tolist()
+    mask = _mask_of(module, param_name)
+    active = mask if mask is not None else getattr(module, param_name).detach() != 0
     return active.reshape(active.shape[0], -1).sum(dim=1).tolist()  # (out, fan_in) -> (out,)
 
 

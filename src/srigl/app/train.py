@@ -419,7 +419,8 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         model_args = state["extra"].get("model_args")
         if not isinstance(model_args, dict):
             raise InvalidConfigError(f"{found} is an XMC run's checkpoint without its model sizes ('model_args')")
-        model = create_xmc_model(config.model, **model_args)
+        # A compact run's head starts on the meta device, as it trained (srigl.app.xmc_train.build_xmc_model).
+        model = create_xmc_model(config.model, **model_args, head_device="meta" if config.compact else None)
     else:
         info = dataset_info(config.data)
         model = create_model(config.model, info.in_channels, info.image_size, info.num_classes)
@@ -427,7 +428,12 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         # Rebuild the sparsifier as it trained so that the masks (or compact layouts) land where
         # they belong; its schedule does not matter here.
         total_steps = int(state["sparsifier"]["config"]["total_steps"])
-        sparsifier = build_sparsifier(config, model, build_optimizer(config, model), total_steps)
+        optimizer = build_optimizer(config, model)
+        sparsifier = build_sparsifier(config, model, optimizer, total_steps)
+        if is_xmc(config.data) and config.compact:
+            from srigl.app.xmc_train import finish_meta_head
+
+            finish_meta_head(model, optimizer, torch.device("cpu"))
         sparsifier.load_state_dict(state["sparsifier"])
         model.load_state_dict(state["model"])
         sparsifier.remove_hooks()

@@ -10,6 +10,10 @@ Both name their head in ``classifier_name`` (``"head"``), as the image models do
 finds the output layer by tracing the forward: the head is the last layer called, so it is
 sparsified like every other ``Linear`` (SRigL keeps its fan-in constant per label) and is never
 ablated: a label whose neuron were ablated could never be predicted again.
+
+``head_device="meta"`` creates the head without values (the rest of the model as usual): a compact
+sparsifier then allocates only its ``(L, k)`` values and indices (:func:`srigl.storage.compact.from_meta`),
+never the dense ``(L, F)`` or ``(L, hidden)`` weight (2 GB at ``L = 670,091``, hidden 768).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ class XMCMLP(nn.Module):
     classifier_name = "head"
     first_layer_name = "features"
 
-    def __init__(self, n_features: int, n_labels: int, hidden: int = DEFAULT_HIDDEN):
+    def __init__(self, n_features: int, n_labels: int, hidden: int = DEFAULT_HIDDEN, head_device=None):
         super().__init__()
         self.features = nn.Linear(n_features, hidden)
-        self.head = nn.Linear(hidden, n_labels)
+        self.head = nn.Linear(hidden, n_labels, device=head_device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).relu())
@@ -46,18 +50,18 @@ class XMCLinear(nn.Module):
     classifier_name = "head"
     first_layer_name = "head"
 
-    def __init__(self, n_features: int, n_labels: int):
+    def __init__(self, n_features: int, n_labels: int, head_device=None):
         super().__init__()
-        self.head = nn.Linear(n_features, n_labels)
+        self.head = nn.Linear(n_features, n_labels, device=head_device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(x)
 
 
-# name -> (factory(n_features, n_labels, hidden), whether it has a hidden layer)
-_XMC_MODELS: dict[str, tuple[Callable[[int, int, int], nn.Module], bool]] = {
-    "mlp": (lambda f, l, h: XMCMLP(f, l, h), True),
-    "linear": (lambda f, l, h: XMCLinear(f, l), False),
+# name -> (factory(n_features, n_labels, hidden, head_device), whether it has a hidden layer)
+_XMC_MODELS: dict[str, tuple[Callable[..., nn.Module], bool]] = {
+    "mlp": (lambda f, l, h, d: XMCMLP(f, l, h, head_device=d), True),
+    "linear": (lambda f, l, h, d: XMCLinear(f, l, head_device=d), False),
 }
 
 
@@ -71,17 +75,22 @@ def has_hidden(name: str) -> bool:
     return _XMC_MODELS[name][1]
 
 
-def create_xmc_model(name: str, n_features: int, n_labels: int, hidden: int | None = None) -> nn.Module:
+def create_xmc_model(name: str, n_features: int, n_labels: int, hidden: int | None = None,
+                     head_device: torch.device | str | None = None) -> nn.Module:
     """Build XMC model ``name`` for ``n_features`` inputs and ``n_labels`` outputs.
 
     Draws its initial weights from the global RNG (call ``torch.manual_seed`` first).
+
+    Args:
+        head_device: where the head is created (default: the CPU, as the rest); ``"meta"`` for a
+            head that only a compact sparsifier will materialise.
 
     Raises:
         InvalidConfigError: an unknown name (the valid ones are listed).
     """
     if name not in _XMC_MODELS:
         raise InvalidConfigError(f"unknown XMC model {name!r}; choose one of: {', '.join(list_xmc_models())}")
-    return _XMC_MODELS[name][0](n_features, n_labels, hidden or DEFAULT_HIDDEN)
+    return _XMC_MODELS[name][0](n_features, n_labels, hidden or DEFAULT_HIDDEN, head_device)
 
 
 def prior_logit(n_positive: int, n_points: int, n_labels: int) -> float:

@@ -7,7 +7,10 @@ and ``srigl report`` reads it. What differs:
 
 * data: :func:`srigl.app.datasets.xmc_sources.load_xmc`; a batch's features are densified to
   ``(B, F)`` (``4 * B * F`` bytes), its labels stay CSR;
-* model: :mod:`srigl.app.xmc_models` (the ``L``-way head is sparsified, never ablated);
+* model: :mod:`srigl.app.xmc_models` (the ``L``-way head is sparsified, never ablated); with
+  ``--compact`` the head is created on the ``meta`` device and only its ``(L, k)`` values and
+  indices are ever allocated (:func:`build_xmc_model`); otherwise a dense head that would not fit
+  is refused before it is allocated (:func:`check_dense_head_fits`);
 * loss: binary cross-entropy on the logits (:func:`~srigl.app.datasets.xmc_batches.bce_with_logits_csr`),
   summed over the ``L`` labels and averaged over the points (averaged over ``L`` too, the gradient
   of each logit would shrink with the label count);
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from srigl.app.config import TrainConfig, method_label
+from srigl.app.config import METHODS_DENSE, TrainConfig, method_label
 from srigl.app.metrics import METRIC_COLUMNS, XMC_RANK_METRICS, MetricsLog, neuron_totals
 from srigl.app.run_common import (
     Process,
@@ -49,7 +52,8 @@ from srigl.app.run_common import (
     write_summary,
 )
 from srigl.app.run_dir import StopSignals
-from srigl.errors import InvalidConfigError
+from srigl.app.xmc_models import DEFAULT_HIDDEN, create_xmc_model, has_hidden, init_prior_bias
+from srigl.errors import InvalidConfigError, LayerTooLargeError
 
 XMC_COLUMNS = (*METRIC_COLUMNS, *XMC_RANK_METRICS)
 RANKS = (1, 3, 5)
@@ -87,6 +91,75 @@ def evaluate_xmc(model: nn.Module, dataset, batch_size: int, device: torch.devic
     return float(loss_sum) / n, {name: float(total) / n for name, total in sums.items()}
 
 
+def build_xmc_model(cfg: TrainConfig, model_args: dict[str, Any], device: torch.device) -> nn.Module:
+    """The run's XMC model on ``device``, its head on the ``meta`` device when ``cfg.compact``.
+
+    A compact run's head is never allocated dense: the sparsifier built next on it creates only its
+    ``(L, k)`` values and indices (:func:`srigl.storage.compact.from_meta`, beside the model's other
+    parameters); call :func:`finish_meta_head` after it. Any other run allocates the dense head,
+    once :func:`check_dense_head_fits` has found room for it.
+
+    Raises:
+        LayerTooLargeError: a dense head that would not fit the memory free on ``device``.
+    """
+    if cfg.compact:
+        model = create_xmc_model(cfg.model, **model_args, head_device="meta")
+        for child in model.children():  # the layers other than the head (meta tensors cannot be moved)
+            if not any(p.is_meta for p in child.parameters()):
+                child.to(device)
+        return model
+    head_fan_in = (model_args["hidden"] or DEFAULT_HIDDEN) if has_hidden(cfg.model) else model_args["n_features"]
+    check_dense_head_fits((model_args["n_labels"], head_fan_in), sparse=cfg.method != METHODS_DENSE,
+                          optimizer=cfg.optimizer, device=device)
+    return create_xmc_model(cfg.model, **model_args).to(device)
+
+
+def finish_meta_head(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After the sparsifier of a model from :func:`build_xmc_model`: put every layer on ``device``.
+
+    The sparsifier materialises a meta head beside the model's other parameters, on the CPU when
+    there are none (``--model linear``): it is moved now (its values keep their identity, so the
+    optimizer still holds them). A head the layer-wise distribution leaves dense (ERK gives a head
+    much smaller than the feature layer a density above 1) is not materialised by the sparsifier; it
+    is drawn here as ``nn.Linear`` draws its weights.
+    """
+    from srigl.storage.compact import swap_in_optimizer
+
+    for module in model.modules():
+        meta = {name: p for name, p in module.named_parameters(recurse=False) if p.is_meta}
+        if meta:
+            module.to_empty(device=device, recurse=False)
+            module.reset_parameters()
+            for name, old in meta.items():
+                swap_in_optimizer(optimizer, old, getattr(module, name), lambda state: state)
+    model.to(device)
+
+
+def check_dense_head_fits(shape: tuple[int, int], *, sparse: bool, optimizer: str, device: torch.device) -> None:
+    """Refuse, before allocating it, a dense ``(L, fan_in)`` head whose float32 weight and gradient
+    (and bool mask in masked storage: what one training step cannot do without) exceed the memory
+    free on ``device``.
+
+    Raises:
+        LayerTooLargeError: with the bytes it needs, those its optimizer state adds, and those free.
+    """
+    from srigl.storage.compact import available_bytes
+
+    entries = math.prod(shape)
+    need = entries * (2 * 4 + (1 if sparse else 0))
+    state = entries * 4 * (2 if optimizer == "adamw" else 1)  # AdamW: two moments; SGD: momentum
+    free = available_bytes(device)
+    if free is not None and need > free:
+        gb = 1e9
+        stored = "weight, gradient and mask (masked storage)" if sparse else "weight and gradient"
+        raise LayerTooLargeError(
+            f"head.weight {shape} needs {need / gb:.2f} GB ({need:,} bytes) on {device} as a dense layer for its "
+            f"{stored}; {optimizer} adds {state / gb:.2f} GB of state, but only {free / gb:.2f} GB are free: train it "
+            f"compact (--method srigl --compact builds only its {shape[0]} x k values and indices) or use a "
+            "device with more memory"
+        )
+
+
 def _top1_hits(logits: torch.Tensor, labels) -> torch.Tensor:
     """How many rows' highest logit is one of their true labels (a 0-d int64 tensor; no sync)."""
     from srigl.app.xmc_metrics import hits
@@ -109,7 +182,6 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
     """
     from srigl.app.datasets.xmc_batches import iterate_batches
     from srigl.app.datasets.xmc_sources import load_xmc
-    from srigl.app.xmc_models import create_xmc_model, init_prior_bias
 
     if proc.world > 1:
         raise InvalidConfigError(
@@ -128,11 +200,12 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
 
     torch.manual_seed(cfg.seed)
     model_args = {"n_features": data.n_features, "n_labels": data.n_labels, "hidden": cfg.xmc_hidden}
-    model = create_xmc_model(cfg.model, **model_args).to(proc.device)
+    model = build_xmc_model(cfg, model_args, proc.device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     sparsifier = build_sparsifier(cfg, model, optimizer, total_steps)
-    # After the sparsifier, which may have replaced the head (compact storage).
+    finish_meta_head(model, optimizer, proc.device)
+    # After the head is real: the sparsifier may have replaced it (compact) or built it from meta.
     init_prior_bias(model.head, train_set.labels.indices.numel(), len(train_set), data.n_labels)
 
     start_epoch, start_batch, step = 0, 0, 0
@@ -180,12 +253,15 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
                 break
             logits = model(batch.features.to(proc.device))  # (B, L)
             loss = xmc_loss(logits, batch.labels)
-            stats = optimizer_step(loss, optimizer, sparsifier, scheduler)
-            step += 1
-            batch_index += 1
             n_points = batch.labels.n_rows
             loss_sum += loss.detach().double() * n_points
             correct += _top1_hits(logits.detach(), batch.labels)
+            # Let the (B, L) logits go with the graph in backward, before a mask update runs (0.17 GB
+            # at 670k labels, batch 64), rather than at the next forward.
+            del logits
+            stats = optimizer_step(loss, optimizer, sparsifier, scheduler)
+            step += 1
+            batch_index += 1
             seen += n_points
             if stats and "layers" in stats:
                 grown += sum(layer["grown"] for layer in stats["layers"].values())
@@ -200,7 +276,8 @@ def run(cfg: TrainConfig, proc: Process, resume: bool, stop: StopSignals, log) -
             raise stopped(f"at epoch {epoch + 1}, batch {batch_index}", save(epoch, batch_index, partial))
         test_loss, ranks = evaluate_xmc(model, test_set, cfg.batch_size, proc.device)
         active, neurons = neuron_totals(model, sparsifier, input_shape)
-        n_active_weights = sum(int(m.sum()) for m in sparsifier.masks().values()) if sparsifier is not None else 0
+        # From the per-neuron counts: sparsifier.masks() would form every dense mask (0.5 GB at 670k labels).
+        n_active_weights = sum(e["nnz"] for e in sparsifier.summary().values() if e["sparse"]) if sparsifier is not None else 0
         row = {
             "epoch": epoch + 1,
             "step": step,

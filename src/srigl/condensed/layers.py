@@ -138,6 +138,18 @@ class _CondensedLayer(nn.Module):
         ones = torch.ones_like(self.values, dtype=torch.bool)
         return _scatter_rows(ones, self.indices, self.active_rows, self._out_features(), self._in_features_flat())
 
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """``(out, fan_in_flat)``: the shape of :meth:`dense_mask` and :meth:`dense_weight`."""
+        return self._out_features(), self._in_features_flat()
+
+    def fan_in_counts(self) -> torch.Tensor:
+        """Active weights of every output neuron, ``(out,)`` int64: ``dense_mask().sum(1)`` without
+        forming the dense mask (``fan_in`` for a stored row, 0 for an ablated one)."""
+        counts = torch.zeros(self._out_features(), dtype=torch.long, device=self.values.device)
+        counts[self.active_rows] = self.fan_in
+        return counts
+
     def _matmul(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """``y (..., out)`` from ``x (..., in)`` (with this layer's ``indices`` unless given); ablated
         rows output exactly their bias."""
