@@ -259,12 +259,24 @@ def _ops() -> object | None:
     return _state.get("ops")
 
 
+def _loaded_ops() -> object:
+    """:func:`_ops`, raising where it is None (the kernel cannot be built here)."""
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    return ops
+
+
+def _conv_fan_in(x: torch.Tensor, groups: int, kernel_size: tuple[int, int]) -> int:
+    """A conv row's fan-in, ``C / groups * kh * kw``, for ``x`` (N, C, H, W)."""
+    return x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+
+
 def _loaded_op(key: str):
     """A compiled operator handle stored at load time (see :func:`_ops`); builds on first use."""
     op = _state.get(key)
     if op is None:
-        if _ops() is None:
-            raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+        _loaded_ops()
         op = _state[key]
     return op
 
@@ -309,9 +321,7 @@ def bf16_route(portable: bool | None = None) -> str:
     Raises:
         RuntimeError: the kernel is not available.
     """
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    ops = _loaded_ops()
     return ops.bf16_route(-1 if portable is None else int(portable))
 
 
@@ -364,9 +374,7 @@ def forward(
     Returns:
         (batch, out_features).
     """
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    ops = _loaded_ops()
     return ops.forward(x, values, _narrow(indices, x.shape[1]), bias, gather_max_batch, max_width, chunk_rows)
 
 
@@ -411,9 +419,7 @@ def backward_with_bias(
     in bf16 would round at every step. The copies cost a pass over x, grad_y and values, small
     next to the product.
     """
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
+    ops = _loaded_ops()
     if values.dtype is torch.bfloat16:
         grads = backward_with_bias(
             grad_y.float(), x.float(), values.float(), indices, need_grad_x, need_grad_values, need_grad_bias,
@@ -462,10 +468,8 @@ def conv_forward(
     Returns:
         (N, out_channels, Ho, Wo).
     """
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    ops = _loaded_ops()
+    fan_in = _conv_fan_in(x, groups, kernel_size)
     return ops.conv_forward(x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
                             list(padding), list(dilation), groups, max_tile)
 
@@ -489,10 +493,8 @@ def conv_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`conv_forward` w.r.t. x (N, C, H, W) and values (n_active, k), from a
     contiguous ``grad_y`` (N, out_channels, Ho, Wo); None where not needed."""
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    ops = _loaded_ops()
+    fan_in = _conv_fan_in(x, groups, kernel_size)
     grad_x, grad_values = ops.conv_backward(
         grad_y, x, values, _narrow(indices, fan_in), rows, out_channels, list(kernel_size), list(stride),
         list(padding), list(dilation), groups, need_grad_x, need_grad_values, max_tile,
@@ -529,9 +531,7 @@ def conv_pixels(
     Returns:
         (N, out_channels, Ho, Wo).
     """
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"srigl C++ kernel is not available: {load_error()}")
-    fan_in = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    ops = _loaded_ops()
+    fan_in = _conv_fan_in(x, groups, kernel_size)
     return ops.conv_pixels(x, values, _narrow(indices, fan_in), rows, bias, out_channels, list(kernel_size),
                            list(stride), list(padding), list(dilation), groups)
