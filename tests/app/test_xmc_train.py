@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dispatch_watch import LargestTensor
 
 from srigl.app.cli import main
 from srigl.app.config import TrainConfig, resolve_config
@@ -246,21 +247,6 @@ def test_fewer_labels_than_the_largest_rank(tmp_path):
     assert 0.0 < float(row["P@5"]) <= 3 / 5 and float(row["nDCG@5"]) == float(row["nDCG@3"])
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor (by entries) any aten op returns off the meta device while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 # 2000 labels, hidden 64: the dense head (128,000 entries) outweighs every other tensor of a compact run:
 # the logits (20 x 2000), the features layer (50 x 64), the layout (2000 x k), one block of update scores.
 WIDE = ["--data", "xmc-synthetic", "--xmc-points", "100", "--xmc-features", "50", "--xmc-labels", "2000",
@@ -276,7 +262,7 @@ def test_a_compact_run_never_allocates_the_dense_head_and_resumes_bit_for_bit(tm
     monkeypatch.setattr(CondensedLinear, "window_inference", False)
     flags = [*WIDE, "--epochs", "2", "--seed", "3"]
     straight = tmp_path / "straight"
-    with _LargestTensor() as watch:
+    with LargestTensor(skip_meta=True) as watch:
         assert main(["train", *flags, "--out", str(straight)]) == 0
     dense_head = 2000 * 64
     assert 0 < watch.largest < dense_head // 2, watch.largest
@@ -290,7 +276,7 @@ def test_a_compact_run_never_allocates_the_dense_head_and_resumes_bit_for_bit(tm
     monkeypatch.undo()
     monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 16 * 64)
     monkeypatch.setattr(CondensedLinear, "window_inference", False)
-    with _LargestTensor() as watch:  # resuming loads the checkpoint into a head built on meta
+    with LargestTensor(skip_meta=True) as watch:  # resuming loads the checkpoint into a head built on meta
         assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert 0 < watch.largest < dense_head // 2, watch.largest
     assert "resuming" in capsys.readouterr().out

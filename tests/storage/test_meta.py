@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from dispatch_watch import LargestTensor
 from torch import nn
 
 import srigl
@@ -120,21 +121,6 @@ def test_available_bytes_reads_this_machine():
     assert compact_storage.available_bytes(torch.device("meta")) is None
 
 
-class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any aten op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("gamma_sal", [0.0, 0.9])
 def test_a_compact_update_never_forms_a_dense_out_by_fan_in_tensor(monkeypatch, gamma_sal):
     from srigl import blockwise
@@ -152,7 +138,7 @@ def test_a_compact_update_never_forms_a_dense_out_by_fan_in_tensor(monkeypatch, 
         model(x).square().mean().backward()
         optimizer.step()
         if step == 2:  # the update step
-            with _LargestOutput() as watch:
+            with LargestTensor() as watch:
                 sparsifier.step()
         else:
             sparsifier.step()
