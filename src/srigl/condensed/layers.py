@@ -19,6 +19,7 @@ from torch import nn
 
 from srigl.masks import get_mask
 from srigl.condensed.conv_function import condensed_conv2d
+from srigl.condensed.exported import export_layout, gather_matmul, scatter_conv2d, scatter_matmul
 from srigl.condensed.tensor import CondensedTensor, _scatter_rows, condense_tensor
 from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.checks import FanInOperandError, check_indices
@@ -170,6 +171,8 @@ class _CondensedLayer(nn.Module):
         if values.shape[0] == out_features:
             return _fanin_matmul(x, values, indices, bias)
         if torch.compiler.is_exporting():
+            if export_layout() == "matmul":
+                return scatter_matmul(x, values, indices, rows, out_features, bias)
             return place_active_rows(gather_matmul, x, values, indices, rows, out_features, bias)
         return fanin_matmul_rows(x, values, indices, rows, out_features, bias)
 
@@ -180,24 +183,15 @@ class _CondensedLayer(nn.Module):
         raise NotImplementedError
 
 
-def gather_matmul(x, values, indices, bias):
-    """The fan-in matmul as one gather -> multiply -> sum in plain aten ops, for any batch shape.
-
-    What an exported (``torch.export`` / ONNX) condensed layer computes; a reference for benchmarks.
-    """
-    # ONNX Gather takes int32/int64 indices only.
-    indices = indices.long()
-    gathered = x.index_select(-1, indices.reshape(-1)).unflatten(-1, indices.shape)  # (..., out, k)
-    y = (gathered * values).sum(-1)  # (..., out)
-    return y if bias is None else y + bias
-
-
 def _fanin_matmul(x, values, indices, bias):
     if torch.compiler.is_exporting():
         # torch.export (under the dynamo ONNX exporter too) cannot trace srigl.kernels: an
         # autograd.Function around a JIT-built operator, with data-dependent index checks and a
         # batch-size-dependent route. The same product in aten ops lowers to ONNX Gather/Mul/ReduceSum
-        # and keeps the batch dimension symbolic.
+        # and keeps the batch dimension symbolic; or, in the default layout, to ScatterElements + MatMul
+        # (srigl.condensed.exported).
+        if export_layout() == "matmul":
+            return scatter_matmul(x, values, indices, None, values.shape[0], bias)
         return gather_matmul(x, values, indices, bias)
     return fanin_matmul(x, values, indices, bias)
 
@@ -491,6 +485,9 @@ class CondensedConv2d(_CondensedLayer):
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         if any(self._pad):
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
+        if exporting and export_layout() == "matmul":  # ScatterElements + Conv (srigl.condensed.exported)
+            return scatter_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
+                                  self.kernel_size, self.stride, self.dilation, self.groups, self.bias)
         if training:
             y = condensed_conv2d(x, self.values, self.indices, self.active_rows, self.out_channels,
                                  self.kernel_size, self.stride, self.dilation, self.groups)  # (N, out, H_out, W_out)

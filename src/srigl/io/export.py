@@ -3,12 +3,15 @@
 torch 2.13's ``torch.onnx.export`` defaults to the dynamo exporter (``dynamo=True``: torch.export,
 then onnxscript's aten-to-ONNX translation), and that is the path used here; the TorchScript
 exporter (``dynamo=False``) is deprecated. While torch.export traces, ``torch.compiler.is_exporting()``
-is True and the condensed layers compute their fan-in matmul as plain ``index_select -> mul -> sum``
-(ONNX ``Gather``, ``Mul``, ``ReduceSum``) instead of calling srigl's compiled kernel, so the file
-runs in any ONNX runtime with no custom operator. Convolutions export their ``F.unfold`` as ONNX
-ops as well.
+is True and the condensed layers compute their product in plain aten ops instead of calling srigl's
+compiled kernel, so the file runs in any ONNX runtime with no custom operator. How they compute it is
+the export's ``layout`` (:mod:`srigl.condensed.exported`): ``"matmul"`` (default) stores the
+condensed weights and expands them with a ``ScatterElements`` that onnxruntime folds at load, then
+runs an ordinary ``MatMul`` / ``Conv`` (dense speed, fewer rows where neurons were ablated);
+``"gather"`` runs ``Gather`` -> ``Mul`` -> ``ReduceSum`` on the condensed weights (never expanded,
+much slower).
 
-The exported ``Gather`` reads no range check of srigl's: onnxruntime wraps a negative index around
+The exported graph reads no range check of srigl's: onnxruntime wraps a negative index around
 (-5 reads input 59 of 64) where eager inference refuses it. So every condensed layer's storage is
 checked (:meth:`~srigl.condensed.layers.CondensedLinear.check_storage`) before anything is traced.
 
@@ -39,6 +42,7 @@ def export_onnx(
     *,
     dynamic_batch: bool = True,
     opset_version: int | None = None,
+    layout: str = "matmul",
 ) -> Path:
     """Export ``model`` (in eval mode) to a self-contained ONNX file.
 
@@ -50,6 +54,11 @@ def export_onnx(
         dynamic_batch: let the batch dimension vary at run time. Inputs are named ``"input"``
             (one) or ``"input_0"``, ``"input_1"``, ... (several).
         opset_version: ONNX opset; torch's default when None.
+        layout: how condensed layers are written, ``"matmul"`` or ``"gather"`` (see
+            :mod:`srigl.condensed.exported`). Both files hold only the condensed weights;
+            ``"matmul"`` runs at the runtime's dense speed over the active neurons and holds the
+            expanded weights in the runtime's memory, ``"gather"`` never expands them and is much
+            slower.
 
     Returns:
         The path written.
@@ -58,10 +67,15 @@ def export_onnx(
         FanInOperandError, IndexOutOfRangeError: a condensed layer's indices or active rows are
             out of range, repeated or misshapen (the message names the layer); nothing is written.
         MissingDependencyError: onnx or onnxscript is not installed.
+        ValueError: ``layout`` is neither ``"matmul"`` nor ``"gather"``.
     """
     for package in ("onnx", "onnxscript"):  # torch imports both inside torch.onnx.export
         require(package, "srigl.export_onnx")
+    from srigl.condensed.exported import EXPORT_LAYOUTS, using_export_layout
     from srigl.condensed.layers import _CondensedLayer
+
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, EXPORT_LAYOUTS))}, got {layout!r}")
 
     for name, module in model.named_modules():
         if isinstance(module, _CondensedLayer):
@@ -80,19 +94,20 @@ def export_onnx(
     names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
     was_training = model.training
     model.eval()
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
     try:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
-        program = torch.onnx.export(
-            model,
-            inputs,
-            dynamo=True,
-            input_names=names,
-            output_names=["output"],
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset_version,
-            verbose=False,
-        )
+        with using_export_layout(layout):
+            program = torch.onnx.export(
+                model,
+                inputs,
+                dynamo=True,
+                input_names=names,
+                output_names=["output"],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset_version,
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     program.save(str(path), external_data=False)
