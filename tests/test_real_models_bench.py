@@ -46,11 +46,20 @@ def test_real_models_quick_compile_and_ort_columns_for_the_decoder(tmp_path):
     out = tmp_path / "real.md"
     _module().main(["--quick", "--threads", "1", "--models", "gpt2-small-sparse-head", "--batches", "1",
                     "--dtypes", "fp32",
-                    "--columns", "condensed-compile", "condensed-ort", "dense-ort", "--no-profile", "--out", str(out)])
+                    "--columns", "condensed-compile", "condensed-ort", "condensed-ort-gather", "dense-ort", "--no-profile",
+                    "--out", str(out)])
     records = json.loads(out.with_suffix(".json").read_text())["records"]
-    assert sorted(r["column"] for r in records) == ["condensed-compile", "condensed-ort", "dense-ort"]
-    row = next(line for line in out.read_text().splitlines() if line.startswith("| fp32 | 1 | 90% |"))
+    assert sorted(r["column"] for r in records) == ["condensed-compile", "condensed-ort", "condensed-ort-gather", "dense-ort"]
+    lines = out.read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| fp32 | 1 | 90% |"))
     assert row.split("|")[-2].strip().endswith("×")  # best condensed vs dense ORT
+    # The two export layouts side by side, both against dense ORT, in their own table (not the main one).
+    assert len(row.split("|")) == 3 + 6 + 3 + 2
+    layouts = next(line for line in lines if line.startswith("| 1 | 90% |"))
+    cells = [c.strip() for c in layouts.split("|")[1:-1]]
+    assert len(cells) == 9 and cells[5].endswith("×") and cells[6].endswith("×"), cells
+    gather = next(r for r in records if r["column"] == "condensed-ort-gather")
+    assert float(cells[4]) == pytest.approx(gather["ms"], abs=0.01)
 
 
 def test_interleaved_medians_and_merge_keep_other_runs(tmp_path):
