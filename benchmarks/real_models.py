@@ -549,6 +549,35 @@ def layout_table(name: str, at: dict) -> list[str]:
     return lines + [""]
 
 
+def summary(records: list[dict]) -> list[str]:
+    """One table over the whole grid: condensed eager (and the best condensed column) vs dense eager."""
+    at = {_key(r): r for r in records}
+    groups = sorted({(r["dtype"], r["batch"]) for r in records}, key=lambda g: (g[0] != "fp32", g[1]))
+    if not groups:
+        return []
+    lines = ["## Summary: speedup of condensed over dense", "",
+             "Each cell: condensed eager ÷ dense eager, then in brackets the fastest condensed column ÷ the fastest "
+             "dense column (what a user picking the best of each would see; eager, compile or ORT, named "
+             "condensed/dense); † as above; – not measured.", "",
+             "| model | sparsity | " + " | ".join(f"{d} b{b}" for d, b in groups) + " |", "|---" * (2 + len(groups)) + "|"]
+    for name in MODELS:
+        sparsities = sorted({r["sparsity"] for r in records if r["model"] == name and r["sparsity"] is not None})
+        for sparsity in sparsities:
+            cells = []
+            for dtype, batch in groups:
+                dense = at.get((name, None, dtype, batch, "dense-eager"))
+                eager = at.get((name, sparsity, dtype, batch, "condensed-eager"))
+                best = _best([at.get((name, sparsity, dtype, batch, c)) for c in COLUMNS if c.startswith("condensed")])
+                best_dense = _best([at.get((name, None, dtype, batch, c)) for c in COLUMNS if c.startswith("dense")])
+                cell = _ratio(eager, dense)
+                if best is not None and best_dense is not None and (best is not eager or best_dense is not dense):
+                    cell += (f" ({_ratio(best, best_dense)} {best['column'].removeprefix('condensed-')}/"
+                             f"{best_dense['column'].removeprefix('dense-')})")
+                cells.append(cell)
+            lines.append(f"| {name} | {sparsity:.0%} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def analysis(records: list[dict], profiles: dict, stats: dict) -> list[str]:
     """Targets met or missed, and what bounds each miss (from the profiles of this run)."""
     at = {_key(r): r for r in records}
@@ -627,6 +656,7 @@ def render(records: list[dict], stats: dict, profiles: dict, args, elapsed_s: fl
     ]
     for name in MODELS:
         lines += model_tables(name, records, stats.get(name, {}))
+    lines += summary(records)
     lines += analysis(records, profiles, stats)
     return "\n".join(lines) + "\n"
 

@@ -30,6 +30,10 @@ def test_real_models_quick_writes_a_table_per_model(tmp_path):
         assert len(rows) == 2, rows  # one latency row and one memory row
         assert "×" in rows[0]  # the condensed-vs-dense ratio was computed
     assert "Profile, condensed vit-b16 at 90%" in text and "condensed linears" in text
+    # The summary has one row per (model, sparsity) and one column per (dtype, batch) measured.
+    summary = text.split("## Summary: speedup of condensed over dense\n")[1].split("##")[0]
+    assert "| model | sparsity | fp32 b1 |\n" in summary
+    assert summary.count("| 90% | ") == 4 and "| vit-b16 | 90% | " in summary and "×" in summary
     # The two decoders are told apart: only the untied one has a sparse head, and each says what its head is.
     assert "lm_head: tied to the token embedding" in text.split("## gpt2-small\n")[1].split("##")[0]
     sparse_head = text.split("## gpt2-small-sparse-head\n")[1].split("##")[0]
