@@ -7,6 +7,9 @@ operators with no wrapper (anything unexpected returns None: the caller takes th
 :func:`srigl.kernels.fanin_matmul` path, which names the problem). Small batches run on a repacked
 copy of the layer in the *window layout* (:func:`window_layout`, AVX-512 float32 builds only), kept
 in a :class:`WindowCache` that the module owns and that follows every change of the weights.
+Large batches of a layer whose active rows are dense (what neuron ablation leaves: few neurons,
+each reading a large share of the inputs) run as a GEMM over the rows densified for the call
+(:func:`dense_route`, chosen by :func:`dense_route_pays`).
 Measurements behind the constants here: ``results/kernel_tuning.md``.
 """
 
@@ -21,10 +24,12 @@ from srigl.kernels.checks import validate_indices_once
 from srigl.kernels.dispatch import _GATHER_MAX_BATCH, _cached_backend, _cpp_forward, _cpp_forward_rows, _is_dynamo_compiling
 
 __all__ = [
+    "DENSE_ROUTE",
     "WINDOW_MAX_BATCH",
     "WindowCache",
     "condensed_linear_inference",
     "cpu_inference_ops",
+    "dense_route_pays",
     "window_layout",
     "window_steps",
 ]
@@ -39,6 +44,60 @@ __all__ = [
 _WINDOW_BATCH_BY_PADDING = ((1.75, 64), (2.2, 16), (2.7, 4), (3.5, 2))
 #: The largest batch any window-packed layer runs in the window layout.
 WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
+
+
+#: dtype -> (batch bound, density bound) pairs: a product of at least ``batch`` rows whose layer
+#: holds at least ``density`` of its (active rows x in_features) block takes the *dense route*
+#: (:func:`dense_route_pays`). Rows that dense are what ablation leaves behind (few neurons, each
+#: holding a large share of the inputs), and there a GEMM over the active rows densified per call
+#: beats the fan-in kernels: MKL/oneDNN reach several times the gather and tiled kernels'
+#: throughput, far more in bf16, where oneDNN runs AMX tiles and our kernels widen to float. The
+#: per-call densify (one pass over an (active rows, in_features) block) is what sets the batch
+#: bounds. Crossovers measured in results/dense_route.md.
+DENSE_ROUTE = {
+    torch.float32: ((128, 0.4),),
+    torch.float64: ((128, 0.4),),
+    torch.bfloat16: ((64, 0.25), (128, 0.1)),
+}
+
+
+def dense_route_pays(batch: int, fan_in: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether a condensed product of ``batch`` rows runs faster as a GEMM over the densified active rows.
+
+    True when some ``(batch bound, density bound)`` pair of :data:`DENSE_ROUTE` for ``dtype`` has
+    ``batch >= batch bound`` and ``fan_in / in_features >= density bound``.
+    """
+    if in_features <= 0:
+        return False
+    density = fan_in / in_features
+    return any(batch >= rows and density >= bound for rows, bound in DENSE_ROUTE.get(dtype, ()))
+
+
+def dense_route(
+    x2d: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``y (batch, out_features)``: the product as a GEMM with the active rows densified for this call.
+
+    Holds no memory between calls: the (n_active, in_features) block lives for one product.
+    Ablated columns get their bias, or 0, as on the other routes. Sums run in the GEMM's order, so
+    results agree with the fan-in kernels to rounding, not bitwise.
+    """
+    weight = cpu.densify_op()(values, indices, in_features)  # (n_active, in): range-checked there
+    if rows is None:
+        if bias is None:
+            return torch.mm(x2d, weight.t())  # (batch, out)
+        return torch.addmm(bias, x2d, weight.t())
+    if bias is None:
+        active = torch.mm(x2d, weight.t())  # (batch, n_active)
+        return x2d.new_zeros(x2d.shape[0], out_features).index_copy_(1, rows, active)  # (batch, out)
+    active = torch.addmm(bias.index_select(0, rows), x2d, weight.t())  # (batch, n_active)
+    return bias.expand(x2d.shape[0], out_features).index_copy(1, rows, active)  # (batch, out), a new tensor
 
 
 def window_steps(packed: torch.Tensor) -> int:
@@ -174,6 +233,10 @@ def condensed_linear_inference(
         layout = windows.get(values, indices, in_features) if windows is not None and batch <= WINDOW_MAX_BATCH else None
         if layout is not None and batch <= layout[1]:
             y = layout[2](x2d, layout[0], bias, rows, out_features)
+        elif dense_route_pays(batch, values.shape[1], in_features, values.dtype):
+            if cpu_inference_ops(values.dtype) is None or not values.is_cpu:
+                return None
+            y = dense_route(x2d, values, indices, bias, rows, in_features, out_features)
         else:
             ops = cpu_inference_ops(values.dtype)
             if ops is None or not values.is_cpu:

@@ -321,6 +321,45 @@ at::Tensor conv_pixels(const at::Tensor& x, const at::Tensor& values, const at::
   return y;
 }
 
+// The layer's active rows as a dense (n_active, in_features) matrix: row o holds values[o, j] at
+// column indices[o, j] (duplicates add up) and zeros elsewhere. For inference routes that hand the
+// product to a dense GEMM where the rows are dense enough for it to win (srigl/kernels/inference.py);
+// one pass over the layer, parallel over rows, no int64 copy of the indices.
+at::Tensor densify(const at::Tensor& values, const at::Tensor& indices, int64_t in_features) {
+  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "srigl_fanin: values ", values.sizes(),
+              " and indices ", indices.sizes(), " must both be (n_active, k)");
+  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous() && values.device().is_cpu() &&
+                  indices.device().is_cpu(),
+              "srigl_fanin: values and indices must be contiguous CPU tensors");
+  TORCH_CHECK(in_features >= 0, "srigl_fanin: in_features must be >= 0, got ", in_features);
+  const int64_t n = values.size(0);
+  const int64_t k = values.size(1);
+  at::Tensor dense = at::empty({n, in_features}, values.options());
+  if (n == 0 || in_features == 0) return dense;
+  dispatch(values.scalar_type(), indices.scalar_type(), [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    check_index_range<I>(indices.data_ptr<I>(), indices.numel(), in_features);
+    const T* vp = values.data_ptr<T>();
+    const I* ip = indices.data_ptr<I>();
+    T* dp = dense.data_ptr<T>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / in_features), [=](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        T* row = dp + o * in_features;
+        std::fill(row, row + in_features, T(0));
+        const T* v = vp + o * k;
+        const I* idx = ip + o * k;
+        if constexpr (std::is_same_v<T, bf16>) {  // bf16 has no +=: add in float, round once per add
+          for (int64_t j = 0; j < k; ++j) row[idx[j]] = T(float(row[idx[j]]) + float(v[j]));
+        } else {
+          for (int64_t j = 0; j < k; ++j) row[idx[j]] += v[j];
+        }
+      }
+    });
+  });
+  return dense;
+}
+
 // The route of bf16 products: mode 1 forces the portable one, 0 lets the CPU decide, anything else
 // only asks. Returns "avx512_bf16" or "portable", the route in effect afterwards.
 std::string bf16_route(int64_t mode) {
@@ -342,6 +381,7 @@ TORCH_LIBRARY(srigl_fanin, m) {
       "backward(Tensor grad_y, Tensor x, Tensor values, Tensor indices, bool need_grad_x, bool need_grad_values, "
       "bool need_grad_bias, int gather_max_batch, int max_width, int chunk_rows) -> (Tensor, Tensor, Tensor)");
   m.def("pack_windows(Tensor values, Tensor indices, int in_features) -> Tensor");
+  m.def("densify(Tensor values, Tensor indices, int in_features) -> Tensor");
   m.def("forward_windows(Tensor x, Tensor packed, Tensor? bias, Tensor? rows, int out_full) -> Tensor");
   m.def(
       "conv_forward(Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, int[] kernel, "
@@ -364,6 +404,7 @@ TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
   m.impl("forward_rows", &srigl_fanin::forward_rows);
   m.impl("backward", &srigl_fanin::backward);
   m.impl("pack_windows", &srigl_fanin::pack_windows);
+  m.impl("densify", &srigl_fanin::densify);
   m.impl("forward_windows", &srigl_fanin::forward_windows);
   m.impl("conv_forward", &srigl_fanin::conv_forward);
   m.impl("conv_backward", &srigl_fanin::conv_backward);

@@ -1,0 +1,173 @@
+"""The dense inference route: a layer whose active rows are dense, run as a GEMM over its rows
+densified for the call (srigl.kernels.inference.dense_route), and the operator that densifies them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import srigl.kernels as kernels
+from srigl.condensed import CondensedLinear
+from srigl.kernels import cpu, fanin_to_dense, inference
+
+
+@pytest.fixture(autouse=True)
+def _cpp_kernel():
+    if not kernels.cpu_extension_available():
+        pytest.skip(f"C++ kernel unavailable: {cpu.load_error()}")
+
+
+def _layer(n_active, in_features, k, *, dtype=torch.float32, index_dtype=torch.int16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.rand(n_active, in_features, generator=generator).topk(k, dim=1).indices  # (n, k), distinct
+    values = torch.randn(n_active, k, generator=generator, dtype=torch.float64).to(dtype)
+    return values, indices.to(index_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_densify_golden(dtype, index_dtype):
+    values = torch.tensor([[1.0, 2.0, 4.0], [0.5, -1.0, 3.0]], dtype=dtype)
+    indices = torch.tensor([[3, 0, 3], [1, 2, 0]], dtype=index_dtype)  # row 0 hits column 3 twice
+    expected = torch.tensor([[2.0, 0.0, 0.0, 5.0, 0.0], [3.0, 0.5, -1.0, 0.0, 0.0]], dtype=dtype)
+    dense = cpu.densify_op()(values, indices, 5)
+    assert dense.dtype is dtype and dense.shape == (2, 5)
+    assert torch.equal(dense, expected)
+
+
+def test_densify_writes_every_element_of_recycled_memory():
+    # The output comes from at::empty: rows must be zeroed, not left with what the allocator had.
+    for _ in range(5):
+        junk = torch.full((64, 300), float("nan"))
+        del junk
+        values, indices = _layer(64, 300, 7, seed=1)
+        dense = cpu.densify_op()(values, indices, 300)
+        assert torch.equal(dense, fanin_to_dense(values, indices, 300))
+
+
+def test_densify_refuses_out_of_range_and_bad_shapes():
+    values, indices = _layer(4, 10, 3)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 9\)"):
+        cpu.densify_op()(values, indices, 9)  # the layer addresses column 9 somewhere (seed 0)
+    with pytest.raises(RuntimeError, match="must both be"):
+        cpu.densify_op()(values, indices[:, :2].contiguous(), 10)
+    empty = cpu.densify_op()(values[:0], indices[:0], 10)
+    assert empty.shape == (0, 10)
+
+
+@pytest.mark.parametrize(
+    ("batch", "fan_in", "in_features", "dtype", "expected"),
+    [
+        (128, 40, 100, torch.float32, True),  # at both bounds
+        (127, 40, 100, torch.float32, False),  # one row short
+        (128, 39, 100, torch.float32, False),  # density 0.39 < 0.4
+        (4096, 100, 100, torch.float64, True),
+        (64, 25, 100, torch.bfloat16, True),  # bf16 pays from 64 rows at density 0.25
+        (64, 24, 100, torch.bfloat16, False),
+        (128, 10, 100, torch.bfloat16, True),  # and from 128 rows at density 0.1
+        (127, 10, 100, torch.bfloat16, False),
+        (1000, 100, 100, torch.float16, False),  # no GEMM measured for this dtype here
+        (1000, 0, 0, torch.float32, False),
+    ],
+)
+def test_dense_route_pays_golden(batch, fan_in, in_features, dtype, expected):
+    assert inference.dense_route_pays(batch, fan_in, in_features, dtype) is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("ablated", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_route_twins_the_kernel_route(monkeypatch, dtype, ablated, with_bias):
+    in_features, out_features = 96, 40
+    n_active = 25 if ablated else out_features
+    values, indices = _layer(n_active, in_features, 60, dtype=dtype, seed=2)  # density 0.62
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randperm(out_features, generator=generator)[:n_active].sort().values if ablated else None
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(300, in_features, generator=generator).to(dtype)
+    taken = []
+    real = inference.dense_route
+    monkeypatch.setattr(inference, "dense_route", lambda *a: taken.append(1) or real(*a))
+    y_dense = inference.condensed_linear_inference(x, values, indices, bias, rows, in_features, out_features, None)
+    assert taken, "300 rows at density 0.62 must take the dense route"
+    monkeypatch.setattr(inference, "DENSE_ROUTE", {})
+    y_kernel = inference.condensed_linear_inference(x, values, indices, bias, rows, in_features, out_features, None)
+    assert len(taken) == 1 and y_dense.shape == y_kernel.shape == (300, out_features)
+    full_values = torch.zeros(out_features, 60, dtype=dtype)
+    full_indices = torch.zeros(out_features, 60, dtype=indices.dtype)
+    at = rows if rows is not None else torch.arange(out_features)
+    full_values[at], full_indices[at] = values, indices
+    reference = x.double() @ fanin_to_dense(full_values.double(), full_indices, in_features).T
+    if bias is not None:
+        reference = reference + bias.double()
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.15}[dtype]
+    assert (y_dense.double() - reference).abs().max() < tolerance
+    assert (y_kernel.double() - reference).abs().max() < tolerance
+    if ablated:  # an ablated column holds exactly its bias, or 0
+        off = torch.ones(out_features, dtype=torch.bool)
+        off[rows] = False
+        expected = bias[off].expand(300, -1) if with_bias else torch.zeros(300, int(off.sum()), dtype=dtype)
+        assert torch.equal(y_dense[:, off], expected)
+
+
+def test_dense_route_with_every_neuron_ablated():
+    values, indices = _layer(0, 50, 30)
+    bias = torch.randn(20)
+    x = torch.randn(200, 50)
+    y = inference.dense_route(x, values, indices, bias, torch.zeros(0, dtype=torch.long), 50, 20)
+    assert torch.equal(y, bias.expand(200, 20))
+
+
+def test_condensed_linear_takes_the_dense_route_only_where_it_pays(monkeypatch):
+    linear = torch.nn.Linear(64, 48)
+    mask = torch.zeros(48, 64, dtype=torch.bool)
+    mask[::2, :40] = True  # 24 active neurons at fan-in 40 of 64 (density 0.62), 24 ablated
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    layer = CondensedLinear.from_dense(linear, mask)
+    taken = []
+    real = inference.dense_route
+    monkeypatch.setattr(inference, "dense_route", lambda *a: taken.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        for batch in (1, 16, 127, 128, 500):
+            x = torch.randn(batch, 64)
+            torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        x3d = torch.randn(4, 50, 64)  # leading dims: 200 rows in all
+        torch.testing.assert_close(layer(x3d), linear(x3d), rtol=1e-5, atol=1e-5)
+    assert taken == [128, 500, 200]
+
+
+def test_dense_route_is_not_taken_under_autograd(monkeypatch):
+    linear = torch.nn.Linear(64, 32)
+    layer = CondensedLinear.from_dense(linear, torch.ones(32, 64, dtype=torch.bool))
+    monkeypatch.setattr(inference, "dense_route", lambda *a: pytest.fail("dense route under autograd"))
+    x = torch.randn(256, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.values.grad is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_active=st.integers(0, 20),
+    in_features=st.integers(1, 70),
+    density=st.floats(0.0, 1.0),
+    batch=st.integers(1, 300),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_route_matches_dense_reference(n_active, in_features, density, batch, with_bias, seed):
+    k = max(1, round(density * in_features))
+    values, indices = _layer(n_active, in_features, k, seed=seed)
+    out_features = n_active + 5
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(out_features, generator=generator)[:n_active].sort().values
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(batch, in_features, generator=generator)
+    y = inference.dense_route(x, values, indices, bias, rows, in_features, out_features)
+    weight = torch.zeros(out_features, in_features, dtype=torch.float64)
+    weight[rows] = fanin_to_dense(values.double(), indices, in_features)
+    reference = x.double() @ weight.T + (0 if bias is None else bias.double())
+    assert y.shape == (batch, out_features)
+    assert (y.double() - reference).abs().max() < 1e-4
