@@ -64,8 +64,11 @@ def test_densify_refuses_out_of_range_and_bad_shapes():
         (127, 40, 100, torch.float32, False),  # one row short
         (128, 39, 100, torch.float32, False),  # density 0.39 < 0.4
         (4096, 100, 100, torch.float64, True),
-        (64, 25, 100, torch.bfloat16, True),  # bf16 pays from 64 rows at density 0.25
-        (64, 24, 100, torch.bfloat16, False),
+        (32, 40, 100, torch.bfloat16, True),  # bf16 pays from 32 rows at density 0.4,
+        (32, 39, 100, torch.bfloat16, False),
+        (31, 100, 100, torch.bfloat16, False),
+        (64, 20, 100, torch.bfloat16, True),  # from 64 rows at density 0.2
+        (64, 19, 100, torch.bfloat16, False),
         (128, 10, 100, torch.bfloat16, True),  # and from 128 rows at density 0.1
         (127, 10, 100, torch.bfloat16, False),
         (1000, 100, 100, torch.float16, False),  # no GEMM measured for this dtype here
@@ -171,3 +174,66 @@ def test_dense_route_matches_dense_reference(n_active, in_features, density, bat
     reference = x.double() @ weight.T + (0 if bias is None else bias.double())
     assert y.shape == (batch, out_features)
     assert (y.double() - reference).abs().max() < 1e-4
+
+
+def _masked_conv(in_channels, out_channels, kernel, *, groups=1, ablated=(), fan_in=5, seed=0, **kwargs):
+    """A Conv2d with a constant fan-in mask (filters in ``ablated`` empty), and that mask."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(in_channels, out_channels, kernel, groups=groups, **kwargs)
+    flat = conv.weight[0].numel()
+    mask = torch.zeros(out_channels, flat, dtype=torch.bool)
+    for o in range(out_channels):
+        if o not in ablated:
+            mask[o, torch.randperm(flat)[:fan_in]] = True
+    mask = mask.view_as(conv.weight)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, mask
+
+
+@pytest.mark.parametrize(
+    ("groups", "ablated", "kwargs"),
+    [
+        (1, (), dict(padding=1)),
+        (1, (0, 3, 4), dict(padding=1, stride=2)),  # ablated filters: their channels hold the bias
+        (2, (1, 6), dict(padding=2, dilation=2)),  # grouped with ablation: zero filters in their group
+        (2, (), dict(padding="same")),
+        (1, (2,), dict(padding="same", padding_mode="reflect")),
+        (1, (), dict(padding=(1, 0), bias=False)),
+    ],
+)
+def test_bf16_conv_inference_takes_the_dense_route_and_matches_the_masked_conv(monkeypatch, groups, ablated, kwargs):
+    from srigl.condensed import CondensedConv2d
+
+    kernel = (2, 3) if kwargs.get("padding") == "same" else 3  # 'same' with an even kernel pads unevenly
+    conv, mask = _masked_conv(4, 8, kernel, groups=groups, ablated=ablated, **kwargs)
+    layer = CondensedConv2d.from_dense(conv, mask).to(torch.bfloat16)
+    assert layer.n_active == 8 - len(ablated)
+    calls = []
+    real = inference.dense_conv2d
+    monkeypatch.setattr("srigl.condensed.layers.dense_conv2d", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 4, 11, 9)
+    with torch.no_grad():
+        y = layer(x.to(torch.bfloat16))
+        reference = conv(x.to(torch.bfloat16).float())  # fp32 conv on the bf16-rounded weights below
+    assert calls == [1] and y.dtype is torch.bfloat16 and y.shape == reference.shape
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.to(torch.bfloat16).float())
+        if conv.bias is not None:
+            conv.bias.copy_(conv.bias.to(torch.bfloat16).float())
+        reference = conv(x.to(torch.bfloat16).float())
+    assert (y.float() - reference).abs().max() < 0.05
+    for o in ablated:  # exactly the bias (or 0) in an ablated channel
+        expected = conv.bias[o].to(torch.bfloat16) if conv.bias is not None else torch.tensor(0, dtype=torch.bfloat16)
+        assert torch.equal(y[:, o], expected.expand_as(y[:, o]))
+
+
+def test_float_conv_inference_keeps_the_pixel_kernel(monkeypatch):
+    from srigl.condensed import CondensedConv2d
+
+    conv, mask = _masked_conv(4, 8, 3, padding=1)
+    layer = CondensedConv2d.from_dense(conv, mask)
+    monkeypatch.setattr("srigl.condensed.layers.dense_conv2d", lambda *a: pytest.fail("fp32 took the dense route"))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.checks import FanInOperandError, check_indices
 from srigl.kernels import cpu
 from srigl.kernels.dispatch import _cached_backend, _is_dynamo_compiling, _traced_backend, place_active_rows
-from srigl.kernels.inference import WindowCache, condensed_linear_inference
+from srigl.kernels.inference import WindowCache, condensed_linear_inference, dense_conv2d
 
 __all__ = ["CONDENSERS", "CondensedConv2d", "CondensedLinear", "gather_matmul", "register_condenser"]
 
@@ -346,6 +346,9 @@ def _pad_amounts(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
 
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+#: dtypes CondensedConv2d runs on its CPU inference routes: the pixel kernel (float32, float64) or
+#: the dense route (bfloat16, :func:`srigl.kernels.inference.dense_conv2d`).
+_CONV_INFERENCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 @register_condenser(nn.Conv2d)
@@ -501,8 +504,9 @@ class CondensedConv2d(_CondensedLayer):
         return y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)  # (N, out, H_out, W_out)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The convolution straight from the C++ pixel-lane kernel (:func:`srigl.kernels.cpu.conv_pixels`),
-        or None to take the im2col route (another device or dtype, or the C++ kernel unavailable).
+        """The convolution straight from the C++ pixel-lane kernel (:func:`srigl.kernels.cpu.conv_pixels`)
+        in float32/float64, or the dense route (:func:`srigl.kernels.inference.dense_conv2d`) in bf16;
+        None to take the im2col route (another device or dtype, or the C++ kernel unavailable).
 
         The kernel reads the weights in their stored layout and ``x`` in NCHW, pads with zeros on the
         fly, adds the bias and writes NCHW, so there is no per-call conversion of the weights and no
@@ -510,7 +514,7 @@ class CondensedConv2d(_CondensedLayer):
         """
         params, buffers = self._parameters, self._buffers
         values = params["values"]
-        if not (x.is_cpu and x.dtype is values.dtype and x.dtype in (torch.float32, torch.float64) and values.is_cpu):
+        if not (x.is_cpu and x.dtype is values.dtype and x.dtype in _CONV_INFERENCE_DTYPES and values.is_cpu):
             return None
         # Traced code reads the backend through _traced_backend, which prepares it outside the graph
         # and lets dynamo guard on the choice.
@@ -518,6 +522,15 @@ class CondensedConv2d(_CondensedLayer):
         if backend != "cpp":
             return None
         padding = self._pad
+        if x.dtype is torch.bfloat16:
+            # No bf16 pixel kernel: the filters densified for this call and oneDNN's convolution, which
+            # beats the fan-in product over an im2col matrix (results/dense_route.md).
+            left, right, top, bottom = padding
+            if self.padding_mode != "zeros" or left != right or top != bottom:
+                x, padding = F.pad(x, padding, mode=_PAD_MODES[self.padding_mode]), (0, 0, 0, 0)
+            return dense_conv2d(x, values, buffers["indices"], buffers["active_rows"], params["bias"],
+                                self.out_channels, self.kernel_size, self.stride, (padding[2], padding[0]),
+                                self.dilation, self.groups)  # (N, out, H_out, W_out)
         if self.padding_mode != "zeros" and any(padding):
             x, padding = F.pad(x, padding, mode=_PAD_MODES[self.padding_mode]), (0, 0, 0, 0)
         return cpu.conv_pixels(x.contiguous(), values, buffers["indices"], buffers["active_rows"], params["bias"],

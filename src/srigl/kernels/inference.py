@@ -18,6 +18,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from srigl.kernels import cpu
 from srigl.kernels.checks import validate_indices_once
@@ -29,6 +30,7 @@ __all__ = [
     "WindowCache",
     "condensed_linear_inference",
     "cpu_inference_ops",
+    "dense_conv2d",
     "dense_route_pays",
     "window_layout",
     "window_steps",
@@ -57,7 +59,7 @@ WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
 DENSE_ROUTE = {
     torch.float32: ((128, 0.4),),
     torch.float64: ((128, 0.4),),
-    torch.bfloat16: ((64, 0.25), (128, 0.1)),
+    torch.bfloat16: ((32, 0.4), (64, 0.2), (128, 0.1)),
 }
 
 
@@ -98,6 +100,50 @@ def dense_route(
         return x2d.new_zeros(x2d.shape[0], out_features).index_copy_(1, rows, active)  # (batch, out)
     active = torch.addmm(bias.index_select(0, rows), x2d, weight.t())  # (batch, n_active)
     return bias.expand(x2d.shape[0], out_features).index_copy(1, rows, active)  # (batch, out), a new tensor
+
+
+def dense_conv2d(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``y (N, out_channels, H_out, W_out)``: a condensed convolution as the dense one over its active
+    filters densified for this call (oneDNN's convolution, no im2col here).
+
+    The route of bf16 condensed convolutions, which have no fan-in kernel of their own (the general
+    route would run the fan-in product over an im2col matrix kh*kw times the input). Holds no memory
+    between calls. Ablated channels get their bias, or 0.
+
+    Args:
+        x: (N, C, H, W), already padded except for ``padding`` (symmetric: (top/bottom, left/right)).
+        values, indices: (n_active, k) over each filter's flattened (C/groups, kh, kw) fan-in.
+        rows: (n_active,) int64 output channel of each filter.
+    """
+    kh, kw = kernel_size
+    fan_in = x.shape[1] // groups * kh * kw
+    weight = cpu.densify_op()(values, indices, fan_in)  # (n_active, C/g*kh*kw): range-checked there
+    n_active = weight.shape[0]
+    if groups != 1 and n_active != out_channels:
+        # A filter's group follows from its output channel: ablated ones become zero filters.
+        full = weight.new_zeros(out_channels, fan_in)
+        weight = full.index_copy_(0, rows, weight)  # (out, C/g*kh*kw)
+        n_active = out_channels
+    weight = weight.view(n_active, x.shape[1] // groups, kh, kw)  # (n_active, C/g, kh, kw)
+    if n_active == out_channels:  # rows are 0..out-1: a layer's active_rows ascend strictly (its validate())
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # (N, out, H_out, W_out)
+    active_bias = None if bias is None else bias.index_select(0, rows)
+    active = F.conv2d(x, weight, active_bias, stride, padding, dilation, groups)  # (N, n_active, H_out, W_out)
+    shape = (active.shape[0], out_channels, *active.shape[2:])
+    base = active.new_zeros(shape) if bias is None else bias.view(1, -1, 1, 1).expand(shape).contiguous()
+    return base.index_copy_(1, rows, active)  # (N, out, H_out, W_out)
 
 
 def window_steps(packed: torch.Tensor) -> int:
