@@ -1,8 +1,8 @@
 """Where the dense inference route pays: kernel routes vs a GEMM over the densified active rows.
 
 A condensed linear layer at inference runs on srigl's fan-in kernels (window layout, gather or
-tiled, by batch) or, where :func:`srigl.kernels.inference.dense_route_pays` says so, as a GEMM over
-its active rows densified for the call (:func:`srigl.kernels.inference.dense_route`). This script
+tiled, by batch) or, where :func:`srigl.kernels.dense_route.dense_route_pays` says so, as a GEMM over
+its active rows densified for the call (:func:`srigl.kernels.dense_route.dense_route`). This script
 times both routes side by side, interleaved, for layer shapes that neuron ablation leaves behind
 (few active rows, each reading a large share of the inputs) across batch sizes, densities
 (fan-in / in_features) and dtypes, and prints each cell's ratio ``kernel time / dense-route time``
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from srigl.kernels import inference
-from srigl.kernels.inference import WindowCache, condensed_linear_inference, dense_route, dense_route_pays
+from srigl.kernels import dense_route as routes
+from srigl.kernels.dense_route import dense_route, dense_route_pays
+from srigl.kernels.inference import WindowCache, condensed_linear_inference
 
 # (in_features, active rows): ViT-B/16-like widths (768 in, 3072 in) at few and many active rows.
 SHAPES = ((768, 400), (768, 2000), (3072, 200))
@@ -69,14 +70,14 @@ def measure(in_features: int, n_active: int, batch: int, density: float, dtype: 
     values, indices = _layer(n_active, in_features, k, dtype, generator)
     x = torch.randn(batch, in_features, generator=generator).to(dtype)
     windows = WindowCache()
-    saved = dict(inference.DENSE_ROUTE)
+    saved = dict(routes.DENSE_ROUTE)
 
     def kernel():  # the route the layer takes with the dense route switched off
-        inference.DENSE_ROUTE.clear()
+        routes.DENSE_ROUTE.clear()
         try:
             return condensed_linear_inference(x, values, indices, None, None, in_features, n_active, windows)
         finally:
-            inference.DENSE_ROUTE.update(saved)
+            routes.DENSE_ROUTE.update(saved)
 
     def dense():
         return dense_route(x, values, indices, None, None, in_features, n_active)

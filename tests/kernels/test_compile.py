@@ -84,7 +84,7 @@ def test_model_covers_both_index_dtypes_and_bias_choices():
 
 
 @needs_compiler
-@pytest.mark.parametrize("batch", [1, 37], ids=["gather-route", "tiled-route"])
+@pytest.mark.parametrize("batch", [1, 37, 256], ids=["gather-route", "tiled-route", "dense-route"])
 def test_compiled_inference_matches_eager(batch):
     model = _model().eval()
     compiled = torch.compile(model, fullgraph=True)
@@ -117,6 +117,15 @@ def test_compiled_training_steps_match_eager(batch):
             optimizer.step()
     for ours, theirs in zip(model.parameters(), eager.parameters()):
         _close(ours, theirs)
+
+
+def test_compiled_large_batches_put_the_dense_route_in_the_graph():
+    """The last layer (density 0.4) runs 256 rows on the dense route: densify + a GEMM, traced."""
+    _cpp_or_skip()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(_model().eval())(torch.randn(256, 24))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "srigl_fanin.densify" in explanation.graphs[0].print_readable(print_output=False)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
@@ -292,6 +301,7 @@ def test_fake_operators_give_the_kernels_output_shapes():
         "forward": lambda *t: ops.forward(t[0], t[1], t[2], None, 2, 0, 0),
         "forward_rows": lambda *t: ops.forward_rows(t[0], t[1], t[2], t[3], t[4], 9, 2, 0, 0),
         "backward": lambda *t: ops.backward(t[5], t[0], t[1], t[2], True, False, True, 2, 0, 0),
+        "densify": lambda *t: ops.densify(t[1], t[2], 7),
     }
     for name, call in calls.items():
         real = call(x, values, indices, bias, rows, grad_y)

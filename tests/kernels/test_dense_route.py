@@ -1,5 +1,5 @@
 """The dense inference route: a layer whose active rows are dense, run as a GEMM over its rows
-densified for the call (srigl.kernels.inference.dense_route), and the operator that densifies them."""
+densified for the call (srigl.kernels.dense_route), and the operator that densifies them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import srigl.kernels as kernels
 from srigl.condensed import CondensedLinear
 from srigl.kernels import cpu, fanin_to_dense, inference
+from srigl.kernels import dense_route as routes
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +77,7 @@ def test_densify_refuses_out_of_range_and_bad_shapes():
     ],
 )
 def test_dense_route_pays_golden(batch, fan_in, in_features, dtype, expected):
-    assert inference.dense_route_pays(batch, fan_in, in_features, dtype) is expected
+    assert routes.dense_route_pays(batch, fan_in, in_features, dtype) is expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -91,11 +92,11 @@ def test_dense_route_twins_the_kernel_route(monkeypatch, dtype, ablated, with_bi
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     x = torch.randn(300, in_features, generator=generator).to(dtype)
     taken = []
-    real = inference.dense_route
+    real = routes.dense_route
     monkeypatch.setattr(inference, "dense_route", lambda *a: taken.append(1) or real(*a))
     y_dense = inference.condensed_linear_inference(x, values, indices, bias, rows, in_features, out_features, None)
     assert taken, "300 rows at density 0.62 must take the dense route"
-    monkeypatch.setattr(inference, "DENSE_ROUTE", {})
+    monkeypatch.setattr(routes, "DENSE_ROUTE", {})
     y_kernel = inference.condensed_linear_inference(x, values, indices, bias, rows, in_features, out_features, None)
     assert len(taken) == 1 and y_dense.shape == y_kernel.shape == (300, out_features)
     full_values = torch.zeros(out_features, 60, dtype=dtype)
@@ -119,7 +120,7 @@ def test_dense_route_with_every_neuron_ablated():
     values, indices = _layer(0, 50, 30)
     bias = torch.randn(20)
     x = torch.randn(200, 50)
-    y = inference.dense_route(x, values, indices, bias, torch.zeros(0, dtype=torch.long), 50, 20)
+    y = routes.dense_route(x, values, indices, bias, torch.zeros(0, dtype=torch.long), 50, 20)
     assert torch.equal(y, bias.expand(200, 20))
 
 
@@ -131,7 +132,7 @@ def test_condensed_linear_takes_the_dense_route_only_where_it_pays(monkeypatch):
         linear.weight.mul_(mask)
     layer = CondensedLinear.from_dense(linear, mask)
     taken = []
-    real = inference.dense_route
+    real = routes.dense_route
     monkeypatch.setattr(inference, "dense_route", lambda *a: taken.append(a[0].shape[0]) or real(*a))
     with torch.no_grad():
         for batch in (1, 16, 127, 128, 500):
@@ -168,7 +169,7 @@ def test_dense_route_matches_dense_reference(n_active, in_features, density, bat
     rows = torch.randperm(out_features, generator=generator)[:n_active].sort().values
     bias = torch.randn(out_features, generator=generator) if with_bias else None
     x = torch.randn(batch, in_features, generator=generator)
-    y = inference.dense_route(x, values, indices, bias, rows, in_features, out_features)
+    y = routes.dense_route(x, values, indices, bias, rows, in_features, out_features)
     weight = torch.zeros(out_features, in_features, dtype=torch.float64)
     weight[rows] = fanin_to_dense(values.double(), indices, in_features)
     reference = x.double() @ weight.T + (0 if bias is None else bias.double())
@@ -210,7 +211,7 @@ def test_bf16_conv_inference_takes_the_dense_route_and_matches_the_masked_conv(m
     layer = CondensedConv2d.from_dense(conv, mask).to(torch.bfloat16)
     assert layer.n_active == 8 - len(ablated)
     calls = []
-    real = inference.dense_conv2d
+    real = routes.dense_conv2d
     monkeypatch.setattr("srigl.condensed.layers.dense_conv2d", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, 4, 11, 9)
     with torch.no_grad():
@@ -237,3 +238,38 @@ def test_float_conv_inference_keeps_the_pixel_kernel(monkeypatch):
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fanin_matmul_without_autograd_takes_the_dense_route_where_it_pays(monkeypatch):
+    from srigl.kernels import dispatch, fanin_matmul, fanin_matmul_rows
+
+    values, indices = _layer(12, 40, 30, seed=4)  # density 0.75
+    rows = torch.tensor([0, 2, 3, 5, 8, 9, 10, 11, 13, 15, 17, 19])
+    bias = torch.randn(20)
+    taken = []
+    real = routes.dense_route
+    monkeypatch.setattr(dispatch, "dense_route", lambda *a: taken.append(a[0].shape[0]) or real(*a))
+    weight = torch.zeros(20, 40, dtype=torch.float64)
+    weight[rows] = fanin_to_dense(values.double(), indices, 40)
+    for batch in (8, 200):
+        x = torch.randn(2, batch // 2, 40)  # leading dims flattened to `batch` rows
+        y = fanin_matmul(x, values, indices)
+        assert (y.double() - x.double() @ weight[rows].T).abs().max() < 1e-4
+        y_rows = fanin_matmul_rows(x, values, indices, rows, 20, bias)
+        assert y_rows.shape == (2, batch // 2, 20)
+        assert (y_rows.double() - (x.double() @ weight.T + bias.double())).abs().max() < 1e-4
+    assert taken == [200, 200]  # 8 rows stay on the kernels
+    x = torch.randn(200, 40, requires_grad=True)  # autograd: the kernels' Function, never the dense route
+    fanin_matmul(x, values, indices).sum().backward()
+    assert taken == [200, 200] and x.grad is not None
+
+
+def test_dense_route_of_fanin_matmul_rows_names_bad_rows_and_indices():
+    from srigl.kernels import FanInOperandError, IndexOutOfRangeError, fanin_matmul_rows
+
+    values, indices = _layer(3, 10, 8, seed=5)
+    x = torch.randn(300, 10)
+    with pytest.raises(FanInOperandError, match=r"rows must lie in \[0, 6\), got \[0, 7\]"):
+        fanin_matmul_rows(x, values, indices, torch.tensor([0, 4, 7]), 6)
+    with pytest.raises(IndexOutOfRangeError):
+        fanin_matmul_rows(x[:, :9].contiguous(), values, indices, torch.tensor([0, 4, 5]), 6)

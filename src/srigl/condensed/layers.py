@@ -25,7 +25,8 @@ from srigl.kernels import fanin_matmul, fanin_matmul_rows, index_dtype_for
 from srigl.kernels.checks import FanInOperandError, check_indices
 from srigl.kernels import cpu
 from srigl.kernels.dispatch import _cached_backend, _is_dynamo_compiling, _traced_backend, place_active_rows
-from srigl.kernels.inference import WindowCache, condensed_linear_inference, dense_conv2d
+from srigl.kernels.dense_route import dense_conv2d
+from srigl.kernels.inference import WindowCache, condensed_linear_inference
 
 __all__ = ["CONDENSERS", "CondensedConv2d", "CondensedLinear", "gather_matmul", "register_condenser"]
 
@@ -347,7 +348,7 @@ def _pad_amounts(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 #: dtypes CondensedConv2d runs on its CPU inference routes: the pixel kernel (float32, float64) or
-#: the dense route (bfloat16, :func:`srigl.kernels.inference.dense_conv2d`).
+#: the dense route (bfloat16, :func:`srigl.kernels.dense_route.dense_conv2d`).
 _CONV_INFERENCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -505,7 +506,7 @@ class CondensedConv2d(_CondensedLayer):
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """The convolution straight from the C++ pixel-lane kernel (:func:`srigl.kernels.cpu.conv_pixels`)
-        in float32/float64, or the dense route (:func:`srigl.kernels.inference.dense_conv2d`) in bf16;
+        in float32/float64, or the dense route (:func:`srigl.kernels.dense_route.dense_conv2d`) in bf16;
         None to take the im2col route (another device or dtype, or the C++ kernel unavailable).
 
         The kernel reads the weights in their stored layout and ``x`` in NCHW, pads with zeros on the

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from srigl.errors import SriglError
 from srigl.kernels import cpu, reference
 from srigl.kernels.checks import FanInOperandError, _check_operands, raise_index_error, validate_indices_once
+from srigl.kernels.dense_route import dense_route, dense_route_pays
 
 __all__ = [
     "BACKENDS",
@@ -266,8 +267,10 @@ def fanin_matmul(
         ):
             y2d = _FanInProduct.apply(x2d, values_c, indices_c, bias_c, name)
         elif name == "cpp" and indices_c.dtype is not torch.int64:
-            # No autograd node and no wrapper: straight to the compiled operator.
-            y2d = _cpp_forward()(x2d, values_c, indices_c, bias_c, _GATHER_MAX_BATCH, 0, 0)
+            if dense_route_pays(x2d.shape[0], shape[1], in_features, x2d.dtype):
+                y2d = dense_route(x2d, values_c, indices_c, bias_c, None, in_features, shape[0])
+            else:  # no autograd node and no wrapper: straight to the compiled operator
+                y2d = _cpp_forward()(x2d, values_c, indices_c, bias_c, _GATHER_MAX_BATCH, 0, 0)
         else:
             y2d = _module(name).forward(x2d, values_c, indices_c, bias_c)  # no autograd node: lower overhead
     except RuntimeError as error:  # the kernel's own range check (see checks.py)
@@ -339,6 +342,17 @@ def fanin_matmul_rows(
     if not needs_grad and name == "cpp" and indices.dtype is not torch.int64:
         flat = x.dim() != 2
         x2d = (x.reshape(math.prod(x.shape[:-1]), in_features) if flat else x).contiguous()  # (batch, in)
+        if dense_route_pays(x2d.shape[0], values.shape[1], in_features, x2d.dtype):
+            if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
+                raise FanInOperandError(
+                    f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]"
+                )
+            try:
+                y2d = dense_route(x2d, values.contiguous(), indices.contiguous(),
+                                  None if bias is None else bias.contiguous(), rows, in_features, out_features)
+            except RuntimeError as error:  # densify's own range check
+                raise_index_error(error, indices, in_features)
+            return y2d.reshape(*x.shape[:-1], out_features) if flat else y2d  # (..., out_features)
         try:
             y2d = _cpp_forward_rows()(
                 x2d, values.contiguous(), indices.contiguous(), None if bias is None else bias.contiguous(),

@@ -7,9 +7,8 @@ operators with no wrapper (anything unexpected returns None: the caller takes th
 :func:`srigl.kernels.fanin_matmul` path, which names the problem). Small batches run on a repacked
 copy of the layer in the *window layout* (:func:`window_layout`, AVX-512 float32 builds only), kept
 in a :class:`WindowCache` that the module owns and that follows every change of the weights.
-Large batches of a layer whose active rows are dense (what neuron ablation leaves: few neurons,
-each reading a large share of the inputs) run as a GEMM over the rows densified for the call
-(:func:`dense_route`, chosen by :func:`dense_route_pays`).
+Large batches of a layer whose active rows are dense (what neuron ablation leaves) run as a GEMM
+over the rows densified for the call (:mod:`srigl.kernels.dense_route`).
 Measurements behind the constants here: ``results/kernel_tuning.md``.
 """
 
@@ -18,20 +17,17 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from srigl.kernels import cpu
 from srigl.kernels.checks import validate_indices_once
+from srigl.kernels.dense_route import dense_route, dense_route_pays
 from srigl.kernels.dispatch import _GATHER_MAX_BATCH, _cached_backend, _cpp_forward, _cpp_forward_rows, _is_dynamo_compiling
 
 __all__ = [
-    "DENSE_ROUTE",
     "WINDOW_MAX_BATCH",
     "WindowCache",
     "condensed_linear_inference",
     "cpu_inference_ops",
-    "dense_conv2d",
-    "dense_route_pays",
     "window_layout",
     "window_steps",
 ]
@@ -46,104 +42,6 @@ __all__ = [
 _WINDOW_BATCH_BY_PADDING = ((1.75, 64), (2.2, 16), (2.7, 4), (3.5, 2))
 #: The largest batch any window-packed layer runs in the window layout.
 WINDOW_MAX_BATCH = _WINDOW_BATCH_BY_PADDING[0][1]
-
-
-#: dtype -> (batch bound, density bound) pairs: a product of at least ``batch`` rows whose layer
-#: holds at least ``density`` of its (active rows x in_features) block takes the *dense route*
-#: (:func:`dense_route_pays`). Rows that dense are what ablation leaves behind (few neurons, each
-#: holding a large share of the inputs), and there a GEMM over the active rows densified per call
-#: beats the fan-in kernels: MKL/oneDNN reach several times the gather and tiled kernels'
-#: throughput, far more in bf16, where oneDNN runs AMX tiles and our kernels widen to float. The
-#: per-call densify (one pass over an (active rows, in_features) block) is what sets the batch
-#: bounds. Crossovers measured in results/dense_route.md.
-DENSE_ROUTE = {
-    torch.float32: ((128, 0.4),),
-    torch.float64: ((128, 0.4),),
-    torch.bfloat16: ((32, 0.4), (64, 0.2), (128, 0.1)),
-}
-
-
-def dense_route_pays(batch: int, fan_in: int, in_features: int, dtype: torch.dtype) -> bool:
-    """Whether a condensed product of ``batch`` rows runs faster as a GEMM over the densified active rows.
-
-    True when some ``(batch bound, density bound)`` pair of :data:`DENSE_ROUTE` for ``dtype`` has
-    ``batch >= batch bound`` and ``fan_in / in_features >= density bound``.
-    """
-    if in_features <= 0:
-        return False
-    density = fan_in / in_features
-    return any(batch >= rows and density >= bound for rows, bound in DENSE_ROUTE.get(dtype, ()))
-
-
-def dense_route(
-    x2d: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    in_features: int,
-    out_features: int,
-) -> torch.Tensor:
-    """``y (batch, out_features)``: the product as a GEMM with the active rows densified for this call.
-
-    Holds no memory between calls: the (n_active, in_features) block lives for one product.
-    Ablated columns get their bias, or 0, as on the other routes. Sums run in the GEMM's order, so
-    results agree with the fan-in kernels to rounding, not bitwise.
-    """
-    weight = cpu.densify_op()(values, indices, in_features)  # (n_active, in): range-checked there
-    if rows is None:
-        if bias is None:
-            return torch.mm(x2d, weight.t())  # (batch, out)
-        return torch.addmm(bias, x2d, weight.t())
-    if bias is None:
-        active = torch.mm(x2d, weight.t())  # (batch, n_active)
-        return x2d.new_zeros(x2d.shape[0], out_features).index_copy_(1, rows, active)  # (batch, out)
-    active = torch.addmm(bias.index_select(0, rows), x2d, weight.t())  # (batch, n_active)
-    return bias.expand(x2d.shape[0], out_features).index_copy(1, rows, active)  # (batch, out), a new tensor
-
-
-def dense_conv2d(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    rows: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_channels: int,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """``y (N, out_channels, H_out, W_out)``: a condensed convolution as the dense one over its active
-    filters densified for this call (oneDNN's convolution, no im2col here).
-
-    The route of bf16 condensed convolutions, which have no fan-in kernel of their own (the general
-    route would run the fan-in product over an im2col matrix kh*kw times the input). Holds no memory
-    between calls. Ablated channels get their bias, or 0.
-
-    Args:
-        x: (N, C, H, W), already padded except for ``padding`` (symmetric: (top/bottom, left/right)).
-        values, indices: (n_active, k) over each filter's flattened (C/groups, kh, kw) fan-in.
-        rows: (n_active,) int64 output channel of each filter.
-    """
-    kh, kw = kernel_size
-    fan_in = x.shape[1] // groups * kh * kw
-    weight = cpu.densify_op()(values, indices, fan_in)  # (n_active, C/g*kh*kw): range-checked there
-    n_active = weight.shape[0]
-    if groups != 1 and n_active != out_channels:
-        # A filter's group follows from its output channel: ablated ones become zero filters.
-        full = weight.new_zeros(out_channels, fan_in)
-        weight = full.index_copy_(0, rows, weight)  # (out, C/g*kh*kw)
-        n_active = out_channels
-    weight = weight.view(n_active, x.shape[1] // groups, kh, kw)  # (n_active, C/g, kh, kw)
-    if n_active == out_channels:  # rows are 0..out-1: a layer's active_rows ascend strictly (its validate())
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # (N, out, H_out, W_out)
-    active_bias = None if bias is None else bias.index_select(0, rows)
-    active = F.conv2d(x, weight, active_bias, stride, padding, dilation, groups)  # (N, n_active, H_out, W_out)
-    shape = (active.shape[0], out_channels, *active.shape[2:])
-    base = active.new_zeros(shape) if bias is None else bias.view(1, -1, 1, 1).expand(shape).contiguous()
-    return base.index_copy_(1, rows, active)  # (N, out, H_out, W_out)
 
 
 def window_steps(packed: torch.Tensor) -> int:
