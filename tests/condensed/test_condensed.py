@@ -240,8 +240,13 @@ def test_condense_cnn_removes_across_conv_bn_flatten():
     torch.manual_seed(0)
     model = sparsify(SmallCNN(), ablated=0.3)
     x = torch.randn(2, 3, 17, 17)
-    condensed, report = condense(model, return_report=True)
+    # BatchNorms kept (not folded), to see them sliced with the channels removed.
+    condensed, report = condense(model, fold_batchnorm=False, return_report=True)
     assert_same_outputs(model, condensed, x)
+    folded, folded_report = condense(model, return_report=True)  # the default folds them instead
+    assert_same_outputs(model, folded, x)
+    assert {e["batchnorm"] for e in folded_report["folded_batchnorms"]} and isinstance(folded.features[1], torch.nn.Identity)
+    assert folded_report["removals"] == report["removals"]
     removals = {(r["producer"], r["consumer"]) for r in report["removals"]}
     assert ("features.0", "features.3") in removals and ("features.3", "features.6") in removals
     # adaptive_avg_pool2d as a function is not a known channel-wise step: features.6 keeps its ablated filters.

@@ -21,6 +21,7 @@ from srigl.masks import get_mask, set_mask
 from srigl.orientation import stores_transposed
 from srigl.condensed.attention import CondensedMultiheadAttention, why_attention_not_condensable
 from srigl.condensed.layers import CONDENSERS
+from srigl.condensed.folding import fold_batchnorms
 from srigl.condensed.surgery import _Layer, _remove_ablated
 from srigl.condensed.tensor import check_mask, constant_fan_in
 from srigl.errors import MaskError, NotConstantFanInError
@@ -137,6 +138,7 @@ def condense(
     masks: dict[str, torch.Tensor] | None = None,
     *,
     remove_ablated: bool = True,
+    fold_batchnorm: bool = True,
     inplace: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
@@ -161,6 +163,10 @@ def condense(
             ``<param>_mask`` buffers the sparsifier registers are used; a model with neither is
             read as ``mask = weight != 0`` (noted in the report).
         remove_ablated: remove ablated neurons across layers where the graph (``torch.fx``) allows.
+        fold_batchnorm: fold each eval-mode BatchNorm that reads only a condensed layer's output into
+            that layer (rows scaled, bias set; the BatchNorm becomes ``nn.Identity``), so inference
+            skips its pass over the activations (:mod:`srigl.condensed.folding`). A BatchNorm in
+            training mode is never folded.
         inplace: modify ``model`` itself instead of a deep copy.
         return_report: also return the report of what happened to each layer.
 
@@ -171,7 +177,8 @@ def condense(
         ``ablated_neurons`` (still present), ``removed_neurons``, ``padded_weights``,
         ``params_before``/``params_after``, and ``converted_from`` for a ``Conv1D`` condensed as a
         Linear (its ``shape_before`` as stored, ``(in, out)``); ``report["removals"]`` lists each
-        cross-layer removal.
+        cross-layer removal; ``report["folded_batchnorms"]`` each BatchNorm folded (``batchnorm``,
+        ``into``).
 
     Raises:
         MaskError: a mask names an unknown tensor, has the wrong shape or dtype, or the weight is
@@ -225,6 +232,10 @@ def condense(
             }
     if remove_ablated:
         _remove_ablated(condensed_model, layers, report)
+    report["folded_batchnorms"] = []
+    if fold_batchnorm:
+        fold_batchnorms(condensed_model, layers, report)
+    folded = {entry["into"]: entry["batchnorm"] for entry in report["folded_batchnorms"]}
     for name, layer in layers.items():
         module = layer.module
         if layer.fan_in is not None:
@@ -249,6 +260,8 @@ def condense(
         }
         if layer.reason is not None:
             entry["reason"] = layer.reason
+        if name in folded:
+            entry["folded_batchnorm"] = folded[name]
         if name in transposed:
             # A Conv1D: shape_before as stored, (in, out); shape_after is of the Linear it became, (out, in).
             entry["converted_from"], entry["shape_before"] = transposed[name]
