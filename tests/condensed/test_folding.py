@@ -97,3 +97,14 @@ def test_dense_layers_keep_their_batchnorm():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(condensed(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_folded_model_saves_and_loads(tmp_path):
+    model = _model()
+    condensed = srigl.condense(model)
+    path = srigl.save_condensed(condensed, tmp_path / "folded.safetensors")
+    loaded = srigl.load_condensed(path, ConvNet())  # the skeleton still has its BatchNorms
+    assert isinstance(loaded.bn1, nn.Identity) and isinstance(loaded.bn2, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), condensed(x), rtol=0, atol=0)
