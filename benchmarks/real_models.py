@@ -428,23 +428,64 @@ CATEGORIES = [  # (category, substrings of aten / operator names), first match w
 CONDENSED_CATEGORIES = ("condensed convs", "condensed linears")
 
 
+def _scope_condensed_layers(module: nn.Module) -> list:
+    """Forward hooks that wrap every condensed linear / conv call in a profiler scope named like
+    the kernels' operators (``srigl_fanin::linear layer`` / ``srigl_fanin::conv layer``), so that
+    what a condensed layer runs through aten (the dense route's densify + GEMM, an index_copy) is
+    counted as that layer's, not as a dense layer's. Returns the hook handles."""
+    from torch.profiler import record_function
+
+    from srigl.condensed import CondensedConv2d, CondensedLinear
+
+    handles = []
+    for layer in module.modules():
+        if isinstance(layer, (CondensedLinear, CondensedConv2d)):
+            scope = "srigl_fanin::conv layer" if isinstance(layer, CondensedConv2d) else "srigl_fanin::linear layer"
+
+            def enter(mod, args, scope=scope):
+                mod._profile_scope = record_function(scope)
+                mod._profile_scope.__enter__()
+
+            def leave(mod, args, output):
+                mod.__dict__.pop("_profile_scope").__exit__(None, None, None)
+
+            handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    return handles
+
+
+def _category(event) -> str:
+    """CATEGORIES' name for a profiler event: that of its innermost ``srigl_fanin::`` scope (an
+    operator of the kernels, or a condensed layer's scope) when it runs inside one, else its own."""
+    scope = event
+    while scope is not None and not scope.name.startswith("srigl_fanin::"):
+        scope = scope.cpu_parent
+    key = scope.name if scope is not None else event.name
+    return next((c for c, keys in CATEGORIES if any(k in key for k in keys)), "other")
+
+
 def profile_shares(name: str, module: nn.Module, inputs: tuple, rounds: int = 3) -> tuple[dict[str, float], list]:
     """Share of CPU self time per category (see CATEGORIES) over ``rounds`` calls of ``module``,
-    and the three largest operators of the category "other" as ``[name, share]`` pairs."""
+    and the three largest operators of the category "other" as ``[name, share]`` pairs. Work done
+    inside a condensed layer counts as that layer's (:func:`_scope_condensed_layers`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode():
-        module(*inputs)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(rounds):
-                module(*inputs)
+    handles = _scope_condensed_layers(module)
+    try:
+        with torch.inference_mode():
+            module(*inputs)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(rounds):
+                    module(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
     totals: dict[str, float] = {}
     other: dict[str, float] = {}
-    for event in prof.key_averages():
-        category = next((c for c, keys in CATEGORIES if any(k in event.key for k in keys)), "other")
+    for event in prof.events():
+        category = _category(event)
         totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total
         if category == "other":
-            other[event.key] = event.self_cpu_time_total
+            other[event.name] = other.get(event.name, 0.0) + event.self_cpu_time_total
     whole = sum(totals.values()) or 1.0
     top_other = [[k, v / whole] for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:3]]
     return {c: v / whole for c, v in sorted(totals.items(), key=lambda kv: -kv[1])}, top_other
@@ -682,6 +723,8 @@ def main(argv=None) -> None:
     parser.add_argument("--min-sample-s", type=float, default=None, help="shortest timed sample (default 0.05, quick 0.005)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler analysis")
     parser.add_argument("--render-only", action="store_true", help="measure nothing: rewrite <out> from <out>.json")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="time no columns: profile each model (fp32, batch 1) and rewrite <out> with it")
     parser.add_argument("--out", type=Path, default=Path("results/real_models.md"))
     args = parser.parse_args(argv)
     args.sparsities = args.sparsities or ([0.9] if args.quick else [0.8, 0.9, 0.95])
@@ -693,17 +736,21 @@ def main(argv=None) -> None:
     started, run_id = time.time(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     records, stats, profiles = [], {}, {}
     for name in [] if args.render_only else args.models:
-        model_records, stats[name] = run_model(name, args, run_id)
-        records += model_records
-        if not args.no_profile and stats[name] and "fp32" in args.dtypes:
+        if args.profile_only:
+            sparsity = 0.9 if 0.9 in args.sparsities else min(args.sparsities)
+        else:
+            model_records, stats[name] = run_model(name, args, run_id)
+            records += model_records
+            if args.no_profile or not stats[name] or "fp32" not in args.dtypes:
+                continue
             sparsity = 0.9 if 0.9 in stats[name] else min(stats[name])
-            _, condensed, _ = sparsify(name, build(name, args.quick), sparsity, args.quick)
-            raw = make_inputs(name, condensed, 1, args.quick, torch.Generator().manual_seed(1))
-            module, inputs, _ = call_of(name, condensed, raw)
-            with torch.inference_mode():
-                condensed_ms = interleaved_ms({"c": lambda: module(*inputs)}, args.repeats, args.min_sample_s)["c"]
-            shares, top_other = profile_shares(name, module, inputs)
-            profiles[name] = (sparsity, shares, condensed_ms, top_other)
+        _, condensed, _ = sparsify(name, build(name, args.quick), sparsity, args.quick)
+        raw = make_inputs(name, condensed, 1, args.quick, torch.Generator().manual_seed(1))
+        module, inputs, _ = call_of(name, condensed, raw)
+        with torch.inference_mode():
+            condensed_ms = interleaved_ms({"c": lambda: module(*inputs)}, args.repeats, args.min_sample_s)["c"]
+        shares, top_other = profile_shares(name, module, inputs)
+        profiles[name] = (sparsity, shares, condensed_ms, top_other)
     json_path = args.out.with_suffix(".json")
     all_records, all_stats, all_profiles = merge(json_path, records, {m: s for m, s in stats.items() if s}, profiles)
     args.out.parent.mkdir(parents=True, exist_ok=True)

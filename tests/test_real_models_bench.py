@@ -84,3 +84,38 @@ def test_interleaved_medians_and_merge_keep_other_runs(tmp_path):
     dense = {**old, "sparsity": None, "column": "dense-eager", "ms": 4.0, "run": "other"}
     text = "\n".join(module.model_tables("vit-b16", merged + [dense], merged_stats["vit-b16"]))
     assert "| fp32 | 8 | 90% | 4.00 |" in text and "2.00×†" in text
+
+
+def test_profile_counts_a_condensed_layers_aten_work_as_condensed():
+    """The dense route runs densify + torch.mm inside a CondensedLinear: condensed time, not a dense layer's."""
+    import torch
+    from torch import nn
+
+    from srigl.condensed import CondensedLinear
+    from srigl.kernels.dense_route import dense_route_pays
+
+    linear = nn.Linear(64, 48)
+    mask = torch.zeros(48, 64, dtype=torch.bool)
+    mask[:, :40] = True  # density 0.62: 256 rows take the dense route
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    model = nn.Sequential(CondensedLinear.from_dense(linear, mask), nn.Linear(48, 8))
+    assert dense_route_pays(256, 40, 64, torch.float32)
+    shares, _ = _module().profile_shares("probe", model, (torch.randn(256, 64),))
+    assert shares["condensed linears"] > 0.3  # densify, the GEMM and the layer's scope
+    assert shares["dense linears/convs"] > 0  # the plain nn.Linear after it is still dense
+    assert not any(hasattr(m, "_profile_scope") for m in model.modules())  # hooks removed, scopes closed
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+@pytest.mark.slow
+def test_profile_only_rewrites_the_analysis_without_timing_columns(tmp_path):
+    out = tmp_path / "real.md"
+    module = _module()
+    module.main(["--quick", "--threads", "1", "--models", "vit-b16", "--batches", "1", "--dtypes", "fp32",
+                 "--no-profile", "--out", str(out)])
+    assert "Profile, condensed vit-b16" not in out.read_text()
+    before = json.loads(out.with_suffix(".json").read_text())["records"]
+    module.main(["--quick", "--threads", "1", "--models", "vit-b16", "--profile-only", "--out", str(out)])
+    assert "Profile, condensed vit-b16 at 90%" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["records"] == before  # nothing re-timed
