@@ -273,3 +273,23 @@ def test_dense_route_of_fanin_matmul_rows_names_bad_rows_and_indices():
         fanin_matmul_rows(x, values, indices, torch.tensor([0, 4, 7]), 6)
     with pytest.raises(IndexOutOfRangeError):
         fanin_matmul_rows(x[:, :9].contiguous(), values, indices, torch.tensor([0, 4, 5]), 6)
+
+
+@pytest.mark.parametrize("with_rows", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blockwise_densify_twins_the_whole_block(monkeypatch, with_rows, with_bias):
+    """A layer wider than MAX_BLOCK_BYTES is densified and multiplied in row blocks: same result."""
+    values, indices = _layer(37, 50, 30, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    out_features = 45 if with_rows else 37
+    rows = torch.randperm(45, generator=generator)[:37].sort().values if with_rows else None
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(130, 50, generator=generator)
+    whole = routes.dense_route(x, values, indices, bias, rows, 50, out_features)
+    blocks = []
+    real = cpu.densify_op()
+    monkeypatch.setattr(cpu, "densify_op", lambda: lambda v, i, n: blocks.append(v.shape[0]) or real(v, i, n))
+    monkeypatch.setattr(routes, "MAX_BLOCK_BYTES", 8 * 50 * 4)  # 8 rows of 50 float32 per block
+    chunked = routes.dense_route(x, values, indices, bias, rows, 50, out_features)
+    assert blocks == [8, 8, 8, 8, 5]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

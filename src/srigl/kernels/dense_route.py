@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from srigl.kernels import cpu
 
-__all__ = ["DENSE_ROUTE", "dense_conv2d", "dense_route", "dense_route_pays"]
+__all__ = ["DENSE_ROUTE", "MAX_BLOCK_BYTES", "dense_conv2d", "dense_route", "dense_route_pays"]
 
 
 #: dtype -> (batch bound, density bound) pairs: a product of at least ``batch`` rows whose layer
@@ -50,6 +50,12 @@ def dense_route_pays(batch: int, fan_in: int, in_features: int, dtype: torch.dty
     return any(batch >= rows and density >= bound for rows, bound in DENSE_ROUTE.get(dtype, ()))
 
 
+#: The largest densified block the dense route materialises at once; a wider layer (an
+#: extreme-output head, say) is densified and multiplied in chunks of rows that fit, so the route
+#: never needs more transient memory than this, whatever the layer's size.
+MAX_BLOCK_BYTES = 32 << 20
+
+
 def dense_route(
     x2d: torch.Tensor,
     values: torch.Tensor,
@@ -61,20 +67,34 @@ def dense_route(
 ) -> torch.Tensor:
     """``y (batch, out_features)``: the product as a GEMM with the active rows densified for this call.
 
-    Holds no memory between calls: the (n_active, in_features) block lives for one product.
-    Ablated columns get their bias, or 0, as on the other routes. Sums run in the GEMM's order, so
-    results agree with the fan-in kernels to rounding, not bitwise.
+    Holds no memory between calls: the densified rows live for one product, in blocks of at most
+    :data:`MAX_BLOCK_BYTES`. Ablated columns get their bias, or 0, as on the other routes. Sums
+    run in the GEMM's order, so results agree with the fan-in kernels to rounding, not bitwise.
     """
-    weight = cpu.densify_op()(values, indices, in_features)  # (n_active, in): range-checked there
+    active_bias = bias if rows is None or bias is None else bias.index_select(0, rows)  # (n_active,)
+    active = _active_product(x2d, values, indices, active_bias, in_features)  # (batch, n_active)
     if rows is None:
-        if bias is None:
-            return torch.mm(x2d, weight.t())  # (batch, out)
-        return torch.addmm(bias, x2d, weight.t())
+        return active  # (batch, out)
     if bias is None:
-        active = torch.mm(x2d, weight.t())  # (batch, n_active)
         return x2d.new_zeros(x2d.shape[0], out_features).index_copy_(1, rows, active)  # (batch, out)
-    active = torch.addmm(bias.index_select(0, rows), x2d, weight.t())  # (batch, n_active)
     return bias.expand(x2d.shape[0], out_features).index_copy(1, rows, active)  # (batch, out), a new tensor
+
+
+def _active_product(x2d, values, indices, bias, in_features: int) -> torch.Tensor:
+    """``x2d @ densify(values, indices).T + bias``, ``(batch, n_active)``, densified block by block."""
+    densify = cpu.densify_op()  # range-checks every index
+    n_active = values.shape[0]
+    block = max(1, MAX_BLOCK_BYTES // max(1, in_features * values.element_size()))  # rows per block
+    if n_active <= block:
+        weight = densify(values, indices, in_features)  # (n_active, in)
+        return torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+    out = x2d.new_empty(x2d.shape[0], n_active)  # (batch, n_active)
+    for start in range(0, n_active, block):
+        stop = min(start + block, n_active)
+        weight = densify(values[start:stop], indices[start:stop], in_features)  # (stop - start, in)
+        part = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias[start:stop], x2d, weight.t())
+        out[:, start:stop] = part
+    return out
 
 
 def dense_conv2d(
