@@ -293,3 +293,16 @@ def test_blockwise_densify_twins_the_whole_block(monkeypatch, with_rows, with_bi
     chunked = routes.dense_route(x, values, indices, bias, rows, 50, out_features)
     assert blocks == [8, 8, 8, 8, 5]
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_place_columns_golden_and_bad_rows(dtype):
+    active = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype)
+    bias = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=dtype)
+    rows = torch.tensor([3, 1])
+    placed = cpu.place_columns_op()(active, rows, bias, 4)
+    assert torch.equal(placed, torch.tensor([[10.0, 2.0, 30.0, 1.0], [10.0, 4.0, 30.0, 3.0]], dtype=dtype))
+    zeros = cpu.place_columns_op()(active, rows, None, 4)
+    assert torch.equal(zeros, torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 4.0, 0.0, 3.0]], dtype=dtype))
+    with pytest.raises(RuntimeError, match=r"rows\[0\] = 4 is outside \[0, 4\)"):
+        cpu.place_columns_op()(active, torch.tensor([4, 1]), bias, 4)

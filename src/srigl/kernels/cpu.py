@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "densify_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "conv_pixels", "bf16_route", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
+__all__ = ["available", "build", "load_error", "forward", "forward_op", "forward_rows_op", "densify_op", "place_columns_op", "window_ops", "backward", "backward_with_bias", "conv_forward", "conv_backward", "conv_pixels", "bf16_route", "FORWARD_GATHER_MAX_BATCH", "BACKWARD_GATHER_MAX_BATCH"]
 
 _log = logging.getLogger("srigl.kernels")
 
@@ -205,6 +205,10 @@ def _densify_fake(values, indices, in_features):
     return values.new_empty((values.shape[0], in_features))
 
 
+def _place_columns_fake(active, rows, bias, out_full):
+    return active.new_empty((active.shape[0], out_full))
+
+
 def _conv_out_size(x, kernel, stride, padding, dilation) -> tuple[int, int]:
     padded = (x.shape[2] + padding[2] + padding[3], x.shape[3] + padding[0] + padding[1])
     return tuple((padded[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2))
@@ -228,7 +232,7 @@ def _conv_pixels_fake(x, values, indices, rows, bias, out_channels, kernel, stri
 def _register_fakes() -> None:
     """Shape-only implementations of the operators, for tracing (see the module docstring)."""
     for name, fake in (("forward", _forward_fake), ("forward_rows", _forward_rows_fake),
-                       ("backward", _backward_fake), ("densify", _densify_fake), ("conv_forward", _conv_forward_fake),
+                       ("backward", _backward_fake), ("densify", _densify_fake), ("place_columns", _place_columns_fake), ("conv_forward", _conv_forward_fake),
                        ("conv_backward", _conv_backward_fake), ("conv_pixels", _conv_pixels_fake)):
         torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", fake)
 
@@ -246,7 +250,7 @@ def _ops() -> object | None:
                 # torch.compile only reads _state (a write there would fail dynamo's guards on
                 # the next call and compile the graph a second time).
                 _state.update(ops=ops, forward_op=ops.forward.default, forward_rows_op=ops.forward_rows.default,
-                              densify_op=ops.densify.default)
+                              densify_op=ops.densify.default, place_columns_op=ops.place_columns.default)
                 if _isa_flags()[0] == "avx512":  # the window kernel is AVX-512 only (csrc/window.h says why)
                     _state["window_ops"] = (ops.pack_windows.default, ops.forward_windows.default)
             except Exception as error:  # any failure (no compiler, no ninja, ...) means: fall back
@@ -307,6 +311,12 @@ def densify_op():
     the rows of a condensed layer as a dense matrix, zeros where no index points (duplicates add up),
     float32/float64/bfloat16 values with int16/int32 indices; every index is range-checked."""
     return _loaded_op("densify_op")
+
+
+def place_columns_op():
+    """The compiled ``srigl_fanin::place_columns(active, rows, bias, out_full) -> (batch, out_full)``:
+    column ``rows[o]`` is ``active[:, o]``, every other column its bias (or 0); rows checked."""
+    return _loaded_op("place_columns_op")
 
 
 def window_ops() -> tuple[object, object] | None:

@@ -75,9 +75,7 @@ def dense_route(
     active = _active_product(x2d, values, indices, active_bias, in_features)  # (batch, n_active)
     if rows is None:
         return active  # (batch, out)
-    if bias is None:
-        return x2d.new_zeros(x2d.shape[0], out_features).index_copy_(1, rows, active)  # (batch, out)
-    return bias.expand(x2d.shape[0], out_features).index_copy(1, rows, active)  # (batch, out), a new tensor
+    return cpu.place_columns_op()(active, rows, bias, out_features)  # (batch, out): one pass, in C++
 
 
 def _active_product(x2d, values, indices, bias, in_features: int) -> torch.Tensor:

@@ -349,7 +349,7 @@ def fanin_matmul_rows(
                 )
             try:
                 y2d = dense_route(x2d, values.contiguous(), indices.contiguous(),
-                                  None if bias is None else bias.contiguous(), rows, in_features, out_features)
+                                  None if bias is None else bias.contiguous(), rows.contiguous(), in_features, out_features)
             except RuntimeError as error:  # densify's own range check
                 raise_index_error(error, indices, in_features)
             return y2d.reshape(*x.shape[:-1], out_features) if flat else y2d  # (..., out_features)

@@ -53,6 +53,20 @@ namespace {
 // Operator entry points.
 // ---------------------------------------------------------------------------------------------
 
+// y (batch, out_full) from the active columns a (batch, n_active): column rows[o] of y is a's column
+// o, every other column the bias (or 0), which is what an ablated neuron outputs. One pass over y,
+// parallel over batch rows.
+template <typename T>
+void scatter_columns(const T* ap, const int64_t* rp, const T* b, T* yp, int64_t batch, int64_t n_active,
+                     int64_t out_full) {
+  at::parallel_for(0, batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_full)), [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      fill_ablated(yp + r * out_full, b, out_full);
+      for (int64_t o = 0; o < n_active; ++o) yp[r * out_full + rp[o]] = ap[r * n_active + o];
+    }
+  });
+}
+
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                    const std::optional<at::Tensor>& bias, int64_t gather_max_batch, int64_t max_width,
                    int64_t chunk_rows) {
@@ -124,12 +138,7 @@ at::Tensor forward_rows(const at::Tensor& x, const at::Tensor& values, const at:
     forward_transposed<T, I>(x.data_ptr<T>(), values.data_ptr<T>(), indices.data_ptr<I>(),
                              b != nullptr ? active_bias.data() : nullptr, ap, batch, in_features, n_active, k,
                              max_width, chunk_rows);
-    at::parallel_for(0, batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_active)), [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        fill(r);
-        for (int64_t o = 0; o < n_active; ++o) yp[r * out_full + rp[o]] = ap[r * n_active + o];
-      }
-    });
+    scatter_columns<T>(ap, rp, b, yp, batch, n_active, out_full);
   });
   return y;
 }
@@ -360,6 +369,26 @@ at::Tensor densify(const at::Tensor& values, const at::Tensor& indices, int64_t 
   return dense;
 }
 
+// y (batch, out_full) from the product over a layer's active rows, a (batch, n_active): see
+// scatter_columns. The dense route's counterpart of what forward_rows does inside the kernels.
+at::Tensor place_columns(const at::Tensor& active, const at::Tensor& rows, const std::optional<at::Tensor>& bias,
+                         int64_t out_full) {
+  TORCH_CHECK(active.dim() == 2 && active.is_contiguous() && active.device().is_cpu(),
+              "srigl_fanin: active must be a contiguous 2-D CPU tensor");
+  const int64_t batch = active.size(0);
+  const int64_t n_active = active.size(1);
+  const int64_t* rp = checked_rows(rows, n_active, out_full);
+  const bool has_bias = check_bias(bias, out_full, active.scalar_type());
+  at::Tensor y = at::empty({batch, out_full}, active.options());
+  if (batch == 0 || out_full == 0) return y;
+  dispatch(active.scalar_type(), at::kInt, [&](auto t, auto) {
+    using T = decltype(t);
+    scatter_columns<T>(active.data_ptr<T>(), rp, has_bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), batch,
+                       n_active, out_full);
+  });
+  return y;
+}
+
 // The route of bf16 products: mode 1 forces the portable one, 0 lets the CPU decide, anything else
 // only asks. Returns "avx512_bf16" or "portable", the route in effect afterwards.
 std::string bf16_route(int64_t mode) {
@@ -382,6 +411,7 @@ TORCH_LIBRARY(srigl_fanin, m) {
       "bool need_grad_bias, int gather_max_batch, int max_width, int chunk_rows) -> (Tensor, Tensor, Tensor)");
   m.def("pack_windows(Tensor values, Tensor indices, int in_features) -> Tensor");
   m.def("densify(Tensor values, Tensor indices, int in_features) -> Tensor");
+  m.def("place_columns(Tensor active, Tensor rows, Tensor? bias, int out_full) -> Tensor");
   m.def("forward_windows(Tensor x, Tensor packed, Tensor? bias, Tensor? rows, int out_full) -> Tensor");
   m.def(
       "conv_forward(Tensor x, Tensor values, Tensor indices, Tensor rows, int out_channels, int[] kernel, "
@@ -405,6 +435,7 @@ TORCH_LIBRARY_IMPL(srigl_fanin, CPU, m) {
   m.impl("backward", &srigl_fanin::backward);
   m.impl("pack_windows", &srigl_fanin::pack_windows);
   m.impl("densify", &srigl_fanin::densify);
+  m.impl("place_columns", &srigl_fanin::place_columns);
   m.impl("forward_windows", &srigl_fanin::forward_windows);
   m.impl("conv_forward", &srigl_fanin::conv_forward);
   m.impl("conv_backward", &srigl_fanin::conv_backward);
