@@ -24,7 +24,8 @@ Columns: dense or condensed, each eager, ``torch.compile`` (inductor) and ONNX R
 fp32 and bf16 (ORT fp32 only, see the report); any batches. For one (model, dtype, batch) every selected column of the dense model and
 of every sparsity is timed *interleaved*: each repetition runs each variant once (in a rotating
 order), and the medians are reported, so the ratios in a row come from the same minutes of the
-machine. Peak memory is the model's weights (and a decoder's KV cache) plus the process's peak RSS growth during one call
+machine. Peak memory is the model's weights (for condensed-eager, with the copies its layers keep for inference: window
+layout, cached dense rows; runs before 2026-12-06 22:00 UTC left those out) (and a decoder's KV cache) plus the process's peak RSS growth during one call
 (``VmHWM`` reset through ``/proc/self/clear_refs``); ONNX Runtime sessions run without their memory
 arena so that their working memory is freed after each call and counted the same way, and without
 thread spinning, which would steal the cores from the torch call timed next.
@@ -296,6 +297,18 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(seen.values())
 
 
+def inference_copy_bytes(module: nn.Module) -> int:
+    """Bytes of the weight copies condensed layers keep for inference (their ``WindowCache``: the
+    window layout at small batches, the densified rows of the dense route at large ones)."""
+    total = 0
+    for layer in module.modules():
+        cache = layer.__dict__.get("_window_cache")
+        if cache is not None:
+            for t in (cache.layout[0] if cache.layout is not None else None, cache.dense):
+                total += 0 if t is None else t.numel() * t.element_size()
+    return total
+
+
 def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, min_sample_s: float) -> dict[str, float]:
     """Median ms per call of each of ``calls``, timed in interleaved rounds (rotating order).
 
@@ -400,6 +413,8 @@ def run_model(name: str, args, run_id: str) -> tuple[list[dict], dict]:
                         masked_module, masked_inputs, _ = call_of(name, masked_models[sparsity], raw_inputs[key])
                         masked_out = first_output(masked_module(*masked_inputs))
                         check_close(f"{name} {sparsity} condensed vs masked", masked_out, out, 1e-3)
+                    if column == "condensed-eager":  # the copies its layers made in the warm-up call hold memory too
+                        weights[key] += inference_copy_bytes(modules[key])
                     if warm_s > 1:
                         print(f"  {name} {dtype_name} b{batch} {column} {sparsity}: first call {warm_s:.1f} s", flush=True)
                 labelled = {f"{s}|{c}": fn for (s, c), fn in calls.items()}

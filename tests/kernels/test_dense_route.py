@@ -306,3 +306,49 @@ def test_place_columns_golden_and_bad_rows(dtype):
     assert torch.equal(zeros, torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 4.0, 0.0, 3.0]], dtype=dtype))
     with pytest.raises(RuntimeError, match=r"rows\[0\] = 4 is outside \[0, 4\)"):
         cpu.place_columns_op()(active, torch.tensor([4, 1]), bias, 4)
+
+
+def _ablated_linear(fan_in: int, dtype=torch.float32):
+    linear = torch.nn.Linear(64, 48)
+    mask = torch.zeros(48, 64, dtype=torch.bool)
+    mask[::2, :fan_in] = True  # 24 active neurons, 24 ablated
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    return linear.to(dtype), CondensedLinear.from_dense(linear, mask).to(dtype)
+
+
+def test_dense_rows_are_cached_with_the_weights_and_follow_every_change():
+    linear, layer = _ablated_linear(40)  # density 0.62: cached
+    x = torch.randn(200, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        cache = layer._window_cache
+        dense = cache.dense
+        assert dense is not None and dense.shape == (24, 64)
+        assert torch.equal(dense, fanin_to_dense(layer.values, layer.indices, 64))
+        layer(x)
+        assert cache.dense is dense  # unchanged weights: reused, not densified again
+        layer.values.mul_(2.0)  # an in-place change bumps the version counter
+        linear.weight.mul_(2.0)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert cache.dense is not dense
+    layer(x).sum().backward()  # a training forward drops the copies
+    assert "_window_cache" not in layer.__dict__
+
+
+def test_sparse_rows_on_the_dense_route_are_not_cached():
+    linear, layer = _ablated_linear(10, torch.bfloat16)  # density 0.16: bf16 dense route, not cached
+    x = torch.randn(200, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer._window_cache.dense is None
+        assert (y.float() - linear(x).float()).abs().max() < 0.1
+
+
+def test_no_copies_without_window_inference(monkeypatch):
+    linear, layer = _ablated_linear(40)
+    layer.window_inference = False
+    x = torch.randn(200, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert "_window_cache" not in layer.__dict__

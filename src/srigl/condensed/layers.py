@@ -272,11 +272,14 @@ class CondensedLinear(_CondensedLayer):
     def _in_features_flat(self) -> int:
         return self.in_features
 
-    #: Whether CPU inference may keep a window-layout copy of the weights
-    #: (:class:`srigl.kernels.inference.WindowCache`). The copy is larger than ``values`` + int16
-    #: ``indices`` by the layout's padding, more so the sparser the layer, and is not kept at all
-    #: where the layout stops paying (measured sizes: results/kernel_tuning.md); set this to False
-    #: (on the class or one layer) to trade that memory for the slower gather route at small batches.
+    #: Whether CPU inference may keep copies of the weights (:class:`srigl.kernels.inference.WindowCache`):
+    #: a window-layout copy for small batches, larger than ``values`` + int16 ``indices`` by the
+    #: layout's padding, more so the sparser the layer, and not kept at all where the layout stops
+    #: paying (measured sizes: results/kernel_tuning.md); and, for large batches on the dense route,
+    #: the densified active rows when they are dense enough to cost at most 1.7x the layer
+    #: (:data:`srigl.kernels.inference.DENSE_CACHE_MIN_DENSITY`). Set this to False (on the class or
+    #: one layer) to trade that memory for the slower gather route at small batches and a densify
+    #: per call at large ones.
     window_inference: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

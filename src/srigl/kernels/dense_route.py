@@ -64,15 +64,22 @@ def dense_route(
     rows: torch.Tensor | None,
     in_features: int,
     out_features: int,
+    dense_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y (batch, out_features)``: the product as a GEMM with the active rows densified for this call.
+    """``y (batch, out_features)``: the product as a GEMM over the densified active rows.
 
-    Holds no memory between calls: the densified rows live for one product, in blocks of at most
-    :data:`MAX_BLOCK_BYTES`. Ablated columns get their bias, or 0, as on the other routes. Sums
-    run in the GEMM's order, so results agree with the fan-in kernels to rounding, not bitwise.
+    ``dense_rows`` (``(n_active, in_features)``, from a cache the caller keeps in step with the
+    weights: :class:`srigl.kernels.inference.WindowCache`) is used as is; without it the rows are
+    densified for this call only, in blocks of at most :data:`MAX_BLOCK_BYTES`. Ablated columns get
+    their bias, or 0, as on the other routes. Sums run in the GEMM's order, so results agree with
+    the fan-in kernels to rounding, not bitwise.
     """
     active_bias = bias if rows is None or bias is None else bias.index_select(0, rows)  # (n_active,)
-    active = _active_product(x2d, values, indices, active_bias, in_features)  # (batch, n_active)
+    if dense_rows is not None:
+        weight = dense_rows.t()  # (in, n_active)
+        active = torch.mm(x2d, weight) if active_bias is None else torch.addmm(active_bias, x2d, weight)
+    else:
+        active = _active_product(x2d, values, indices, active_bias, in_features)  # (batch, n_active)
     if rows is None:
         return active  # (batch, out)
     return cpu.place_columns_op()(active, rows, bias, out_features)  # (batch, out): one pass, in C++

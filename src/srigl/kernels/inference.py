@@ -20,10 +20,12 @@ import torch
 
 from srigl.kernels import cpu
 from srigl.kernels.checks import validate_indices_once
+from srigl.kernels import dense_route as dense_routes
 from srigl.kernels.dense_route import dense_route, dense_route_pays
 from srigl.kernels.dispatch import _GATHER_MAX_BATCH, _cached_backend, _cpp_forward, _cpp_forward_rows, _is_dynamo_compiling
 
 __all__ = [
+    "DENSE_CACHE_MIN_DENSITY",
     "WINDOW_MAX_BATCH",
     "WindowCache",
     "condensed_linear_inference",
@@ -99,42 +101,77 @@ def cpu_inference_ops(dtype: torch.dtype) -> tuple[object, object] | None:
     return (_cpp_forward(), _cpp_forward_rows()) if _cached_backend("cpu", dtype) == "cpp" else None
 
 
+#: The densest-first bound above which :class:`WindowCache` keeps a layer's densified active rows
+#: for the dense route: at density >= 0.4 the block (4 bytes per entry / density) is at most 1.7x
+#: the condensed layer it copies (4-byte values + 2-byte indices per nonzero). Sparser rows on the
+#: dense route (bf16, large batches) are densified per call instead.
+DENSE_CACHE_MIN_DENSITY = 0.4
+
+
 class WindowCache:
-    """One layer's window-layout copy (:func:`window_layout`), rebuilt whenever its weights change.
+    """One layer's inference copies of its weights, rebuilt whenever the weights change: the window
+    layout (:func:`window_layout`) for small batches, and the densified active rows for the dense
+    route (:mod:`srigl.kernels.dense_route`) at large ones.
 
     The cache is keyed on the identity, storage and version counter of ``values`` and ``indices``, so
     any change to the weights (an optimizer step, ``load_state_dict``, a new Parameter, ``.data``
-    swapped for a new tensor) repacks on the next call. Tensors without a version counter (created
-    under ``torch.inference_mode``) cannot be tracked and are not packed. It holds weak references,
+    swapped for a new tensor) rebuilds them on their next use. Tensors without a version counter (created
+    under ``torch.inference_mode``) cannot be tracked and are not cached. It holds weak references,
     which cannot be pickled: an owning module leaves it out of its pickled state.
 
     Attributes:
         key: ``(weakref(values), weakref(indices), (values.data_ptr(), values._version,
-            indices.data_ptr(), indices._version))`` of the packed tensors, or None before packing.
+            indices.data_ptr(), indices._version))`` of the cached tensors, or None before the first use.
         layout: ``(packed, max_batch, forward_windows)`` for those tensors, or None where the layout
-            is unavailable or does not pay.
+            is unavailable, does not pay, or was not asked for yet.
+        dense: the ``(n_active, in_features)`` densified rows, or None where not built (yet).
     """
 
-    __slots__ = ("key", "layout")
+    __slots__ = ("key", "layout", "dense", "_packed")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.layout: tuple[torch.Tensor, int, object] | None = None
+        self.dense: torch.Tensor | None = None
+        self._packed = False
 
-    def get(self, values: torch.Tensor, indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int, object] | None:
-        """``(packed, max_batch, forward_windows)`` for these weights, packed on first use; or None."""
+    def _sync(self, values: torch.Tensor, indices: torch.Tensor) -> bool:
+        """Forgets the copies if the weights changed since they were made; False when untrackable."""
         try:
             state = (values.data_ptr(), values._version, indices.data_ptr(), indices._version)
         except RuntimeError:  # inference tensors have no version counter
-            return None
+            return False
         key = self.key
         # Identity through weak references as well: a freed tensor's address may be reused by a new
         # one whose version counter also starts at 0.
         if key is None or key[0]() is not values or key[1]() is not indices or key[2] != state:
-            layout = window_layout(values, indices, in_features)
             self.key = (weakref.ref(values), weakref.ref(indices), state)
+            self.layout, self.dense, self._packed = None, None, False
+        return True
+
+    def get(self, values: torch.Tensor, indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int, object] | None:
+        """``(packed, max_batch, forward_windows)`` for these weights, packed on first use; or None."""
+        if not self._sync(values, indices):
+            return None
+        if not self._packed:
+            layout = window_layout(values, indices, in_features)
             self.layout = None if layout is None else (*layout, cpu.window_ops()[1])
+            self._packed = True
         return self.layout
+
+    def dense_rows(self, values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor | None:
+        """The densified ``(n_active, in_features)`` rows, built on first use; None where they are not
+        kept (rows sparser than :data:`DENSE_CACHE_MIN_DENSITY`, a block over
+        :data:`srigl.kernels.dense_route.MAX_BLOCK_BYTES`, or untrackable weights)."""
+        if in_features <= 0 or values.shape[1] < DENSE_CACHE_MIN_DENSITY * in_features:
+            return None
+        if values.shape[0] * in_features * values.element_size() > dense_routes.MAX_BLOCK_BYTES:
+            return None
+        if not self._sync(values, indices):
+            return None
+        if self.dense is None:
+            self.dense = cpu.densify_op()(values, indices, in_features)  # range-checks every index
+        return self.dense
 
 
 def condensed_linear_inference(
@@ -180,7 +217,8 @@ def condensed_linear_inference(
         elif dense_route_pays(batch, values.shape[1], in_features, values.dtype):
             if cpu_inference_ops(values.dtype) is None or not values.is_cpu:
                 return None
-            y = dense_route(x2d, values, indices, bias, rows, in_features, out_features)
+            weight = windows.dense_rows(values, indices, in_features) if windows is not None else None
+            y = dense_route(x2d, values, indices, bias, rows, in_features, out_features, weight)
         else:
             ops = cpu_inference_ops(values.dtype)
             if ops is None or not values.is_cpu:
