@@ -108,3 +108,21 @@ def test_a_folded_model_saves_and_loads(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), condensed(x), rtol=0, atol=0)
+
+
+class Untraceable(ConvNet):
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return super().forward(x)
+
+
+def test_an_untraceable_model_is_condensed_without_folding():
+    model = sparsify(Untraceable(), density=0.4, ablated=0.0, seed=3).eval()
+    condensed, report = srigl.condense(model, return_report=True)
+    assert report["folded_batchnorms"] == [] and isinstance(condensed.bn1, nn.BatchNorm2d)
+    assert any(note.endswith("no BatchNorm folded") for note in report["notes"])
+    assert isinstance(condensed.conv1, CondensedConv2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x), model(x), rtol=1e-4, atol=1e-5)

@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.fx
 from torch import nn
 
-from srigl.condensed.surgery import _Layer
+from srigl.condensed.surgery import _Layer, _trace
 
 # The BatchNorm that may follow each layer type: per-channel over conv planes, per-feature after a Linear.
 _FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
@@ -44,16 +43,10 @@ def fold_batchnorms(model: nn.Module, layers: dict[str, _Layer], report: dict[st
     folded gets a note saying why. Returns ``model`` (the same object).
     """
     report.setdefault("folded_batchnorms", [])
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as error:  # any tracing failure just means: nothing folded
-        report["notes"].append(f"torch.fx could not trace the model ({type(error).__name__}); no BatchNorm folded")
+    traced = _trace(model, report, "no BatchNorm folded")
+    if traced is None:
         return model
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, modules, calls = traced
     for node in graph.nodes:
         layer = layers.get(node.target) if node.op == "call_module" else None
         if layer is None or layer.fan_in is None or calls[node.target] != 1 or len(node.users) != 1:

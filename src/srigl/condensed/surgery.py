@@ -201,18 +201,27 @@ def _drop_inputs(consumer: nn.Module, layer: _Layer, keep_cols: torch.Tensor, fo
     _refresh_mask_buffer(consumer, mask)
 
 
-def _remove_ablated(model: nn.Module, layers: dict[str, _Layer], report: dict[str, Any]) -> None:
-    """Remove ablated neurons of every producer whose output only reaches the next layer."""
+def _trace(model: nn.Module, report: dict[str, Any], consequence: str):
+    """``(graph, modules by name, calls per module name)`` of ``model`` traced by ``torch.fx``, or None
+    (noted in ``report`` with ``consequence``) where it cannot be traced."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception as error:  # any tracing failure just means: no removal
-        report["notes"].append(f"torch.fx could not trace the model ({type(error).__name__}: {error}); no neuron removed")
-        return
-    modules = dict(model.named_modules())
+    except Exception as error:  # any tracing failure just means: no graph surgery
+        report["notes"].append(f"torch.fx could not trace the model ({type(error).__name__}: {error}); {consequence}")
+        return None
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, dict(model.named_modules()), calls
+
+
+def _remove_ablated(model: nn.Module, layers: dict[str, _Layer], report: dict[str, Any]) -> None:
+    """Remove ablated neurons of every producer whose output only reaches the next layer."""
+    traced = _trace(model, report, "no neuron removed")
+    if traced is None:
+        return
+    graph, modules, calls = traced
     for node in graph.nodes:
         layer = layers.get(node.target) if node.op == "call_module" else None
         if layer is None or layer.mask is None:
