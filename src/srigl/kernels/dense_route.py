@@ -4,8 +4,9 @@ or convolution.
 Neuron ablation leaves layers with few active neurons, each reading a large share of the inputs
 (at 90 % sparsity a ViT-B/16 MLP keeps ~20 % of its neurons at ~50 % fan-in density). On such
 rows a dense GEMM over the active rows (MKL / oneDNN, AMX tiles in bf16) outruns the fan-in
-kernels at large batches, and densifying them costs one pass over an (active rows, inputs) block
-per call: no memory is kept between calls, so the layer stays condensed. :func:`dense_route_pays`
+kernels at large batches. Densifying costs one pass over an (active rows, inputs) block: per call,
+or once where the caller keeps the block (:class:`srigl.kernels.inference.WindowCache` does for
+rows dense enough that the copy stays small). :func:`dense_route_pays`
 says where, from the crossovers measured by ``benchmarks/dense_route.py``
 (``results/dense_route.md``); :func:`srigl.kernels.inference.condensed_linear_inference` and the
 no-autograd paths of :func:`srigl.kernels.fanin_matmul` / :func:`~srigl.kernels.fanin_matmul_rows`
@@ -76,13 +77,17 @@ def dense_route(
     """
     active_bias = bias if rows is None or bias is None else bias.index_select(0, rows)  # (n_active,)
     if dense_rows is not None:
-        weight = dense_rows.t()  # (in, n_active)
-        active = torch.mm(x2d, weight) if active_bias is None else torch.addmm(active_bias, x2d, weight)
+        active = _gemm(x2d, dense_rows, active_bias)  # (batch, n_active)
     else:
         active = _active_product(x2d, values, indices, active_bias, in_features)  # (batch, n_active)
     if rows is None:
         return active  # (batch, out)
     return cpu.place_columns_op()(active, rows, bias, out_features)  # (batch, out): one pass, in C++
+
+
+def _gemm(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d @ weight.T (+ bias)``: ``(batch, rows)`` from ``weight`` ``(rows, in)``."""
+    return torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
 
 
 def _active_product(x2d, values, indices, bias, in_features: int) -> torch.Tensor:
@@ -91,14 +96,12 @@ def _active_product(x2d, values, indices, bias, in_features: int) -> torch.Tenso
     n_active = values.shape[0]
     block = max(1, MAX_BLOCK_BYTES // max(1, in_features * values.element_size()))  # rows per block
     if n_active <= block:
-        weight = densify(values, indices, in_features)  # (n_active, in)
-        return torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+        return _gemm(x2d, densify(values, indices, in_features), bias)
     out = x2d.new_empty(x2d.shape[0], n_active)  # (batch, n_active)
     for start in range(0, n_active, block):
         stop = min(start + block, n_active)
         weight = densify(values[start:stop], indices[start:stop], in_features)  # (stop - start, in)
-        part = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias[start:stop], x2d, weight.t())
-        out[:, start:stop] = part
+        out[:, start:stop] = _gemm(x2d, weight, None if bias is None else bias[start:stop])
     return out
 
 

@@ -343,10 +343,8 @@ def fanin_matmul_rows(
         flat = x.dim() != 2
         x2d = (x.reshape(math.prod(x.shape[:-1]), in_features) if flat else x).contiguous()  # (batch, in)
         if dense_route_pays(x2d.shape[0], values.shape[1], in_features, x2d.dtype):
-            if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
-                raise FanInOperandError(
-                    f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]"
-                )
+            if not compiling:
+                _check_rows_range(rows, out_features)
             try:
                 y2d = dense_route(x2d, values.contiguous(), indices.contiguous(),
                                   None if bias is None else bias.contiguous(), rows.contiguous(), in_features, out_features)
@@ -363,12 +361,18 @@ def fanin_matmul_rows(
                 raise_index_error(error, indices, in_features)
             raise FanInOperandError(str(error).splitlines()[0].removeprefix("srigl_fanin: ")) from None
         return y2d.reshape(*x.shape[:-1], out_features) if flat else y2d  # (..., out_features)
-    if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
-        raise FanInOperandError(f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]")
+    if not compiling:
+        _check_rows_range(rows, out_features)
     return place_active_rows(
         lambda x, values, indices, bias: fanin_matmul(x, values, indices, bias, backend=backend),
         x, values, indices, rows, out_features, bias,
     )
+
+
+def _check_rows_range(rows: torch.Tensor, out_features: int) -> None:
+    """Raises FanInOperandError unless every entry of ``rows`` lies in ``[0, out_features)``."""
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
+        raise FanInOperandError(f"rows must lie in [0, {out_features}), got [{int(rows.min())}, {int(rows.max())}]")
 
 
 def place_active_rows(product, x, values, indices, rows, out_features, bias):

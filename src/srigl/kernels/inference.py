@@ -101,7 +101,7 @@ def cpu_inference_ops(dtype: torch.dtype) -> tuple[object, object] | None:
     return (_cpp_forward(), _cpp_forward_rows()) if _cached_backend("cpu", dtype) == "cpp" else None
 
 
-#: The densest-first bound above which :class:`WindowCache` keeps a layer's densified active rows
+#: The fan-in density from which :class:`WindowCache` keeps a layer's densified active rows
 #: for the dense route: at density >= 0.4 the block (4 bytes per entry / density) is at most 1.7x
 #: the condensed layer it copies (4-byte values + 2-byte indices per nonzero). Sparser rows on the
 #: dense route (bf16, large batches) are densified per call instead.
